@@ -1,0 +1,11 @@
+//! sipzone's test kit: a scripted test user agent on the project's own SIP
+//! stack, a throw-away PKI, and harnesses for SIPp and stunnel. Tests of every
+//! crate use it; the `sipzone-uas` and `sipzone-uac` binaries expose the UA
+//! on the command line.
+#![forbid(unsafe_code)]
+
+pub mod pki;
+pub mod proc;
+pub mod sipp;
+pub mod stunnel;
+pub mod ua;
