@@ -16,7 +16,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput};
@@ -243,43 +243,57 @@ fn criterion_groups(c: &mut Criterion, cases: &[(&str, Vec<u8>)]) {
     }
 }
 
-fn time(iters: u32, f: impl Fn(&[u8]) -> usize, raw: &[u8]) -> Duration {
-    for _ in 0..(iters / 10).max(1) {
-        black_box(f(black_box(raw)));
+/// Rounds the ratio iterations are split into, alternating the two sides so
+/// that drift on a shared machine (frequency, neighbours) hits both alike.
+const ROUNDS: u32 = 20;
+
+/// Median nanoseconds per message of `ours` and `rsip` over [`ROUNDS`]
+/// alternating rounds of `iters / ROUNDS` messages each, after a warm-up.
+fn time_pair(iters: u32, raw: &[u8]) -> (f64, f64) {
+    let chunk = (iters / ROUNDS).max(1);
+    let run = |f: fn(&[u8]) -> usize| {
+        let start = Instant::now();
+        for _ in 0..chunk {
+            black_box(f(black_box(raw)));
+        }
+        start.elapsed().as_nanos() as f64 / f64::from(chunk)
+    };
+    run(ours);
+    run(rsip);
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        a.push(run(ours));
+        b.push(run(rsip));
     }
-    let start = Instant::now();
-    for _ in 0..iters {
-        black_box(f(black_box(raw)));
-    }
-    start.elapsed()
+    (median(&mut a), median(&mut b))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn ratios(cases: &[(&str, Vec<u8>)], iters: u32) {
     println!();
     println!(
-        "proxy path, {iters} iterations per side (parse + 5 field reads + push Via + serialize):"
+        "proxy path (parse + 5 field reads + push Via + serialize), {iters} messages per side \
+         in {ROUNDS} alternating rounds, median round:"
     );
     if iters < RATIO_ITERS {
         println!("(test mode: too few iterations for these figures to mean anything)");
     }
-    let per_s = |t: Duration| f64::from(iters) / t.as_secs_f64().max(1e-9);
-    let per_msg = |t: Duration| t.as_nanos() as f64 / f64::from(iters);
     let mut lines = Vec::new();
     for (name, raw) in cases {
-        let t_ours = time(iters, ours, raw);
-        let t_rsip = time(iters, rsip, raw);
+        let (ns_ours, ns_rsip) = time_pair(iters, raw);
         println!(
-            "{name:<9} {:>4} bytes: ours {:>9.0} msg/s ({:>5.0} ns/msg), rsip 0.4 {:>9.0} msg/s ({:>5.0} ns/msg)",
+            "{name:<9} {:>4} bytes: ours {:>7.0} msg/s ({:>5.0} ns/msg), rsip 0.4 {:>7.0} msg/s ({:>5.0} ns/msg)",
             raw.len(),
-            per_s(t_ours),
-            per_msg(t_ours),
-            per_s(t_rsip),
-            per_msg(t_rsip),
+            1e9 / ns_ours,
+            ns_ours,
+            1e9 / ns_rsip,
+            ns_rsip,
         );
-        lines.push(format!(
-            "ratio ours/rsip: {name} {:.1}x",
-            t_rsip.as_secs_f64() / t_ours.as_secs_f64().max(1e-12)
-        ));
+        lines.push(format!("ratio ours/rsip: {name} {:.1}x", ns_rsip / ns_ours));
     }
     // The ratio lines last, one per message (throughput ours / throughput rsip).
     for l in lines {
@@ -303,5 +317,5 @@ fn main() {
     // `cargo bench` passes --bench; `--test` and `cargo test --benches` do not
     // measure, so the ratio section runs a token number of iterations.
     let measuring = has("--bench") && !has("--test");
-    ratios(&cases, if measuring { RATIO_ITERS } else { 10 });
+    ratios(&cases, if measuring { RATIO_ITERS } else { ROUNDS });
 }

@@ -215,8 +215,8 @@ impl<'a> Via<'a> {
         }
         let rest = trim_ws(rest);
         let (sent_by, params) = match find_unquoted(rest, b';') {
-            Some(i) => (trim_ws(&rest[..i]), &rest[i + 1..]),
-            None => (rest, ""),
+            Some(i) => (trim_ws(&rest[..i]), Some(&rest[i + 1..])),
+            None => (rest, None),
         };
         if sent_by.contains([' ', '\t']) {
             return Err(HeaderError::Syntax);
@@ -313,8 +313,8 @@ impl<'a> NameAddr<'a> {
             let uri_raw = &inner[..end];
             let after = trim_ws(&inner[end + 1..]);
             let params = match after {
-                "" => "",
-                p => p.strip_prefix(';').ok_or(HeaderError::Syntax)?,
+                "" => None,
+                p => Some(p.strip_prefix(';').ok_or(HeaderError::Syntax)?),
             };
             let uri = Uri::parse(uri_raw)?;
             let params = Params::parse_header_params(params).map_err(|_| HeaderError::Syntax)?;
@@ -332,8 +332,8 @@ impl<'a> NameAddr<'a> {
         // addr-spec form: the first ';' starts header parameters and the URI
         // may not contain ',', '?' or ';' (RFC 3261 §20.10).
         let (uri_raw, params) = match rest.find(';') {
-            Some(i) => (trim_ws(&rest[..i]), &rest[i + 1..]),
-            None => (rest, ""),
+            Some(i) => (trim_ws(&rest[..i]), Some(&rest[i + 1..])),
+            None => (rest, None),
         };
         if uri_raw.contains(['?', ',', ' ', '\t']) {
             return Err(HeaderError::Syntax);
@@ -495,6 +495,12 @@ mod tests {
         assert!(NameAddr::parse("\"W\" < sip:t.watson@example.org >").is_err());
         assert!(NameAddr::parse("sip:user@example.com?Route=%3Csip:sip.example.com%3E").is_err());
         assert!(NameAddr::parse("<sip:user@example.com?Route=%3Csip:sip.example.com%3E>").is_ok());
+        // an empty parameter (found by the fuzzer: a trailing ';' made
+        // responses that did not reparse once a tag was appended)
+        assert!(NameAddr::parse("s:v;").is_err());
+        assert!(NameAddr::parse("<sip:a@b>;").is_err());
+        assert!(NameAddr::parse("<sip:a@b>;tag=1;").is_err());
+        assert!(Via::parse("SIP/2.0/UDP h;").is_err());
     }
 
     #[test]

@@ -178,7 +178,7 @@ impl<'a> Params<'a> {
 
     /// Iterates `(name, value)` pairs, names and values trimmed.
     pub fn iter(&self) -> impl Iterator<Item = (&'a str, Option<&'a str>)> + 'a {
-        split_params(self.raw).map(|p| match p.split_once('=') {
+        split_params(self.raw).filter(|p| !p.is_empty()).map(|p| match p.split_once('=') {
             Some((n, v)) => (trim_ws(n), Some(trim_ws(v))),
             None => (trim_ws(p), None),
         })
@@ -208,7 +208,12 @@ impl<'a> Params<'a> {
 
     /// Validates header parameters: `generic-param = token [ EQUAL gen-value ]`,
     /// `gen-value = token / host / quoted-string`.
-    pub(crate) fn parse_header_params(raw: &'a str) -> Result<Self, ()> {
+    /// `raw` is what follows the first `;` (`None` when there was none); an
+    /// empty parameter (`;;`, a trailing `;`) is refused.
+    pub(crate) fn parse_header_params(raw: Option<&'a str>) -> Result<Self, ()> {
+        let Some(raw) = raw else {
+            return Ok(Params::default());
+        };
         for p in split_params(raw) {
             let (name, value) = match p.split_once('=') {
                 Some((n, v)) => (trim_ws(n), Some(trim_ws(v))),
@@ -234,29 +239,30 @@ impl<'a> Params<'a> {
     }
 }
 
-/// Splits `a;b=c;d="x;y"` on the semicolons outside quoted strings.
+/// Splits `a;b=c;d="x;y"` on the semicolons outside quoted strings. Like
+/// `str::split`, an empty input or a trailing `;` yields an empty item, so
+/// that callers can refuse empty parameters.
 fn split_params(raw: &str) -> impl Iterator<Item = &str> {
-    let mut rest = raw;
+    let mut rest = Some(raw);
     std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let b = rest.as_bytes();
+        let cur = rest?;
+        let b = cur.as_bytes();
         let mut in_quote = false;
         let mut i = 0;
         while i < b.len() {
             match b[i] {
                 b'\\' if in_quote => i += 1,
                 b'"' => in_quote = !in_quote,
-                b';' if !in_quote => break,
+                b';' if !in_quote => {
+                    rest = Some(&cur[i + 1..]);
+                    return Some(&cur[..i]);
+                }
                 _ => {}
             }
             i += 1;
         }
-        let i = i.min(b.len());
-        let item = &rest[..i];
-        rest = if i < b.len() { &rest[i + 1..] } else { "" };
-        Some(item)
+        rest = None;
+        Some(cur)
     })
 }
 
@@ -299,12 +305,16 @@ mod tests {
 
     #[test]
     fn params_lookup() {
-        let p = Params::parse_header_params(r#"tag = 19 ;lr;x="a;b""#).unwrap();
+        let p = Params::parse_header_params(Some(r#"tag = 19 ;lr;x="a;b""#)).unwrap();
         assert_eq!(p.get("TAG"), Some(Some("19")));
         assert_eq!(p.get("lr"), Some(None));
         assert_eq!(p.get_unquoted("x"), Some("a;b"));
-        assert!(Params::parse_header_params("bad name=1").is_err());
-        assert!(Params::parse_header_params("x=\"open").is_err());
+        assert!(Params::parse_header_params(Some("bad name=1")).is_err());
+        assert!(Params::parse_header_params(Some("x=\"open")).is_err());
+        assert!(Params::parse_header_params(Some("")).is_err());
+        assert!(Params::parse_header_params(Some("a;")).is_err());
+        assert!(Params::parse_header_params(Some("a;;b")).is_err());
+        assert_eq!(Params::parse_header_params(None), Ok(Params::default()));
     }
 
     #[test]

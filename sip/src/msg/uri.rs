@@ -268,22 +268,20 @@ fn parse_sip<'a>(raw: &'a str, secure: bool, rest: &'a str) -> Result<SipUri<'a>
         Some(i) => (&hostpart[..i], Some(&hostpart[i + 1..])),
         None => (hostpart, None),
     };
-    let (hostport, params) = match hostport.find(';') {
-        Some(i) => (&hostport[..i], &hostport[i + 1..]),
-        None => (hostport, ""),
+    let (hostport, params, has_params) = match hostport.find(';') {
+        Some(i) => (&hostport[..i], &hostport[i + 1..], true),
+        None => (hostport, "", false),
     };
     let (host, port) = parse_hostport(hostport)?;
     let param_ok =
         |b: u8| is_unreserved(b) || matches!(b, b'[' | b']' | b'/' | b':' | b'&' | b'+' | b'$');
-    for p in params.split(';') {
+    // A `;` must be followed by a parameter: `sip:a@b;` and `;;` are refused.
+    for p in params.split(';').filter(|_| has_params) {
         let (n, v) = match p.split_once('=') {
             Some((n, v)) => (n, Some(v)),
             None => (p, None),
         };
         if n.is_empty() || !chars_ok(n, param_ok) || v.is_some_and(|v| !chars_ok(v, param_ok)) {
-            if params.is_empty() {
-                break;
-            }
             return Err(UriError::Param);
         }
     }
@@ -470,6 +468,8 @@ mod tests {
             "nocolon",
             "sip:x@h;p=<",
             "sip:x@h?noequals",
+            "sip:x@h;",
+            "sip:x@h;a;;b",
             "sip:%4@h",
             "tel:",
         ] {
