@@ -475,6 +475,14 @@ impl Message {
             }
         }
         self.top_via()?;
+        // Via = 1#via-parm: an empty Via line is malformed, not skipped.
+        if self
+            .headers
+            .iter()
+            .any(|h| h.name == HeaderName::Via && scan::split_list(h.value()).next().is_none())
+        {
+            return Err(ParseError::Header(HeaderName::Via, HeaderError::Syntax));
+        }
         for v in self.vias() {
             v.map_err(|e| ParseError::Header(HeaderName::Via, e))?;
         }
@@ -812,7 +820,12 @@ impl Message {
     /// the first element of the first line, rewriting that line if it held
     /// several. Returns false when there was none.
     pub fn pop_front_value(&mut self, name: HeaderName) -> bool {
-        let Some(i) = self.headers.iter().position(|h| h.name == name) else {
+        // Lines of `name` without any element hold no topmost value.
+        let Some(i) = self
+            .headers
+            .iter()
+            .position(|h| h.name == name && scan::split_list(h.value()).next().is_some())
+        else {
             return false;
         };
         let rest: Vec<&str> = scan::split_list(self.headers[i].value()).skip(1).collect();
@@ -1105,6 +1118,15 @@ v=0\r\n";
         assert!(again.pop_front_value(HeaderName::Via));
         assert_eq!(again.top_via().unwrap().branch(), Some("z9hG4bKx"));
         assert_eq!(again.body(), m.body());
+    }
+
+    #[test]
+    fn empty_via_line_is_malformed() {
+        let bad = INVITE.replace("Max-Forwards: 70", "Via:\r\nMax-Forwards: 70");
+        assert_eq!(
+            parse(&bad).unwrap_err(),
+            ParseError::Header(HeaderName::Via, HeaderError::Syntax)
+        );
     }
 
     #[test]

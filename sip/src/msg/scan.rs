@@ -178,10 +178,12 @@ impl<'a> Params<'a> {
 
     /// Iterates `(name, value)` pairs, names and values trimmed.
     pub fn iter(&self) -> impl Iterator<Item = (&'a str, Option<&'a str>)> + 'a {
-        split_params(self.raw).filter(|p| !p.is_empty()).map(|p| match p.split_once('=') {
-            Some((n, v)) => (trim_ws(n), Some(trim_ws(v))),
-            None => (trim_ws(p), None),
-        })
+        split_params(self.raw)
+            .filter(|p| !p.is_empty())
+            .map(|p| match p.split_once('=') {
+                Some((n, v)) => (trim_ws(n), Some(trim_ws(v))),
+                None => (trim_ws(p), None),
+            })
     }
 
     /// The value of parameter `name`: `Some(None)` for a flag, `None` when absent.
