@@ -4,7 +4,9 @@
 //! on the command line.
 #![forbid(unsafe_code)]
 
-pub mod pki;
+/// The PKI helpers live in the stack (`sip::transport::pki`); re-exported
+/// here for tests.
+pub use sip::transport::pki;
 pub mod proc;
 pub mod sipp;
 pub mod stunnel;

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use sip::flow::{Flow, Transport};
 use sip::msg::Method;
-use testkit::pki::TestCa;
+use testkit::pki::Ca;
 use testkit::proc::Proc;
 use testkit::sipp::{Sipp, SippTransport};
 use testkit::stunnel::{self, Mode};
@@ -253,7 +253,7 @@ fn stack_uac_to_sipp_uas_udp_lost_10_percent() {
 #[test]
 fn sipp_uac_to_stack_uas_tls_via_stunnel() {
     let dir = work_dir("uas-tls");
-    let ca = TestCa::new("interop CA").unwrap();
+    let ca = Ca::new("interop CA").unwrap();
     let ca_file = ca.write_ca(&dir).unwrap();
     let leaf = ca
         .issue(&["127.0.0.1", "localhost"])
@@ -292,7 +292,7 @@ fn sipp_uac_to_stack_uas_tls_via_stunnel() {
 #[test]
 fn stack_uac_to_sipp_uas_tls_via_stunnel() {
     let dir = work_dir("uac-tls");
-    let ca = TestCa::new("interop CA").unwrap();
+    let ca = Ca::new("interop CA").unwrap();
     let ca_file = ca.write_ca(&dir).unwrap();
     let leaf = ca
         .issue(&["127.0.0.1", "localhost"])

@@ -47,6 +47,7 @@
 //! | `tls_server_name` | `Option<String>` | SNI and verified name for outgoing TLS when none is given | the remote IP |
 
 pub mod metrics;
+pub mod pki;
 mod tcp;
 pub mod tls;
 mod udp;

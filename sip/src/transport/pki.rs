@@ -1,16 +1,16 @@
-//! A throw-away certificate authority for tests and local regions: a CA and
-//! leaf certificates for `127.0.0.1`/`localhost`, written as PEM files.
+//! A certificate authority generated on first start (the cluster CA of a
+//! local region, or a test CA): a CA and leaf certificates, written as PEM
+//! files with private keys readable by the owner only.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
 };
 
 /// A CA that can issue leaf certificates.
-pub struct TestCa {
+pub struct Ca {
     issuer: CertifiedIssuer<'static, KeyPair>,
     /// The CA certificate in PEM.
     pub cert_pem: String,
@@ -34,9 +34,9 @@ pub struct LeafFiles {
     pub key: PathBuf,
 }
 
-impl TestCa {
+impl Ca {
     /// Generates a new CA named `name`.
-    pub fn new(name: &str) -> Result<TestCa> {
+    pub fn new(name: &str) -> Result<Ca, PkiError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -48,12 +48,12 @@ impl TestCa {
         let key = KeyPair::generate()?;
         let issuer = CertifiedIssuer::self_signed(params, key)?;
         let cert_pem = issuer.pem();
-        Ok(TestCa { issuer, cert_pem })
+        Ok(Ca { issuer, cert_pem })
     }
 
     /// Issues a certificate for `names` (DNS names or IP literals), usable
     /// as a TLS server and client certificate.
-    pub fn issue(&self, names: &[&str]) -> Result<Leaf> {
+    pub fn issue(&self, names: &[&str]) -> Result<Leaf, PkiError> {
         let mut params =
             CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
         params
@@ -76,20 +76,101 @@ impl TestCa {
     }
 
     /// Writes the CA certificate to `dir/ca.pem` and returns the path.
-    pub fn write_ca(&self, dir: &Path) -> Result<PathBuf> {
+    pub fn write_ca(&self, dir: &Path) -> Result<PathBuf, PkiError> {
         let p = dir.join("ca.pem");
-        std::fs::write(&p, &self.cert_pem).with_context(|| format!("writing {}", p.display()))?;
+        write(&p, self.cert_pem.as_bytes(), false)?;
         Ok(p)
     }
 }
 
 impl Leaf {
     /// Writes `dir/NAME.pem` and `dir/NAME.key`.
-    pub fn write(&self, dir: &Path, name: &str) -> Result<LeafFiles> {
+    pub fn write(&self, dir: &Path, name: &str) -> Result<LeafFiles, PkiError> {
         let cert = dir.join(format!("{name}.pem"));
         let key = dir.join(format!("{name}.key"));
-        std::fs::write(&cert, &self.cert_pem)?;
-        std::fs::write(&key, &self.key_pem)?;
+        write(&cert, self.cert_pem.as_bytes(), false)?;
+        write(&key, self.key_pem.as_bytes(), true)?;
         Ok(LeafFiles { cert, key })
+    }
+}
+
+/// Why generating or writing certificates failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// rcgen refused the parameters or the key.
+    #[error("certificate generation: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// Writing a file failed.
+    #[error("writing {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+fn write(path: &Path, data: &[u8], private: bool) -> Result<(), PkiError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    if private {
+        opts.mode(0o600);
+    }
+    opts.open(path)
+        .and_then(|mut f| f.write_all(data))
+        .map_err(io)
+}
+
+/// The certificate and key of `name` under `dir`, generated (with a new CA
+/// whose certificate is written as `dir/ca.pem`) when they do not exist yet,
+/// reused as they are otherwise. `names` are the DNS names and IP literals
+/// the certificate is issued for.
+pub fn load_or_create(dir: &Path, name: &str, names: &[&str]) -> Result<LeafFiles, PkiError> {
+    let files = LeafFiles {
+        cert: dir.join(format!("{name}.pem")),
+        key: dir.join(format!("{name}.key")),
+    };
+    if files.cert.is_file() && files.key.is_file() {
+        return Ok(files);
+    }
+    std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let ca = Ca::new(&format!("sipzone CA ({name})"))?;
+    ca.write_ca(dir)?;
+    ca.issue(names)?.write(dir, name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_once_then_reused() {
+        let dir = std::env::temp_dir().join(format!("sipzone-pki-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let a = load_or_create(&dir, "node", &["127.0.0.1", "localhost"]).unwrap();
+        let first = std::fs::read(&a.cert).unwrap();
+        let b = load_or_create(&dir, "node", &["127.0.0.1"]).unwrap();
+        assert_eq!(std::fs::read(&b.cert).unwrap(), first);
+        let mode = std::fs::metadata(&b.key).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+        let ca = std::fs::read(dir.join("ca.pem")).unwrap();
+        assert!(crate::transport::tls::client_config(&ca, None).is_ok());
+        assert!(
+            crate::transport::tls::server_config(&first, &std::fs::read(&b.key).unwrap(), None)
+                .is_ok()
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -61,7 +61,7 @@ async fn main() -> Result<()> {
         let (cert, key) = match (&args.cert, &args.key, &args.self_signed) {
             (Some(c), Some(k), _) => (std::fs::read(c)?, std::fs::read(k)?),
             (_, _, Some(ca_out)) => {
-                let ca = testkit::pki::TestCa::new("sipzone-uas test CA")?;
+                let ca = testkit::pki::Ca::new("sipzone-uas test CA")?;
                 let leaf = ca.issue(&["127.0.0.1", "localhost"])?;
                 std::fs::write(ca_out, &ca.cert_pem)
                     .with_context(|| format!("writing {}", ca_out.display()))?;
