@@ -1,0 +1,413 @@
+//! The typed configuration of `sipzone-node` (TOML). Every parameter, its
+//! type, meaning and default is listed in `docs/config.md`; [`Config::load`]
+//! parses with unknown keys refused and [`Config::validate`] checks it before
+//! any port is bound.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Why a configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The TOML does not parse or does not match the schema.
+    #[error("{path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The cause, with line and column.
+        source: toml::de::Error,
+    },
+    /// A value is out of range or inconsistent with another.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node.
+    pub node: NodeConfig,
+    /// SIP listeners and limits.
+    pub sip: SipConfig,
+    /// Registrar parameters.
+    #[serde(default)]
+    pub registrar: RegistrarSection,
+    /// Digest authentication and lockout.
+    pub auth: AuthConfig,
+    /// Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Directory users with stored HA1 hashes.
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+    /// A range of users with derived passwords, for local testing only.
+    #[serde(default)]
+    pub danger_test_users: Option<TestUsers>,
+}
+
+/// `[node]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Node id, unique in the region (`a1`).
+    pub id: String,
+    /// Zone label (`a`, `b`).
+    #[serde(default = "default_zone")]
+    pub zone: String,
+    /// Directory for generated certificates and, later, the Raft data.
+    pub data_dir: PathBuf,
+}
+
+fn default_zone() -> String {
+    "a".into()
+}
+
+/// `[sip]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SipConfig {
+    /// UDP listen addresses.
+    #[serde(default)]
+    pub udp: Vec<SocketAddr>,
+    /// TCP listen addresses.
+    #[serde(default)]
+    pub tcp: Vec<SocketAddr>,
+    /// TLS listen addresses.
+    #[serde(default)]
+    pub tls: Vec<SocketAddr>,
+    /// TLS certificate chain (PEM); generated under `node.data_dir` on first
+    /// start when absent.
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// Largest SIP message accepted, in octets.
+    #[serde(default = "default_max_message")]
+    pub max_message: usize,
+    /// Most TCP/TLS connections.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_max_message() -> usize {
+    65_535
+}
+
+fn default_max_connections() -> usize {
+    10_000
+}
+
+/// `[registrar]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrarSection {
+    /// Shortest registration accepted (423 below it), seconds.
+    #[serde(default = "default_min_expires")]
+    pub min_expires: u32,
+    /// Longest registration granted (longer requests are shortened), seconds.
+    #[serde(default = "default_max_expires")]
+    pub max_expires: u32,
+    /// Registration time when the request names none, seconds.
+    #[serde(default = "default_max_expires")]
+    pub default_expires: u32,
+    /// Most contacts per address-of-record.
+    #[serde(default = "default_max_contacts")]
+    pub max_contacts_per_aor: usize,
+}
+
+impl Default for RegistrarSection {
+    fn default() -> Self {
+        RegistrarSection {
+            min_expires: default_min_expires(),
+            max_expires: default_max_expires(),
+            default_expires: default_max_expires(),
+            max_contacts_per_aor: default_max_contacts(),
+        }
+    }
+}
+
+fn default_min_expires() -> u32 {
+    60
+}
+fn default_max_expires() -> u32 {
+    3600
+}
+fn default_max_contacts() -> usize {
+    10
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Digest realm.
+    pub realm: String,
+    /// File holding the cluster secret (at least 16 bytes) that signs nonces;
+    /// created with a random secret on first start when absent.
+    pub secret_file: PathBuf,
+    /// Nonce lifetime in seconds (older nonces get `stale=true`).
+    #[serde(default = "default_nonce_age")]
+    pub nonce_max_age_secs: u64,
+    /// Digest algorithms offered, in order of preference (`SHA-256`, `MD5`).
+    /// Clients take the first they support (RFC 8760); some (SIPp 3.6) only
+    /// read the first challenge and know only MD5.
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Failed authentications (per user, and per source address) before lockout.
+    #[serde(default = "default_max_failures")]
+    pub lockout_max_failures: u32,
+    /// Window in which failures are counted, seconds.
+    #[serde(default = "default_window")]
+    pub lockout_window_secs: u64,
+    /// How long a lockout lasts, seconds.
+    #[serde(default = "default_lockout")]
+    pub lockout_secs: u64,
+}
+
+fn default_algorithms() -> Vec<String> {
+    vec!["SHA-256".into(), "MD5".into()]
+}
+
+fn default_nonce_age() -> u64 {
+    300
+}
+fn default_max_failures() -> u32 {
+    5
+}
+fn default_window() -> u64 {
+    60
+}
+fn default_lockout() -> u64 {
+    300
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Prometheus `/metrics` listen address; none disables the endpoint.
+    pub listen: Option<SocketAddr>,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `json` (production) or `text`.
+    #[serde(default = "default_log_format")]
+    pub format: String,
+    /// A tracing filter (`info`, `zone_node=debug,sip=info`); `RUST_LOG` overrides.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: default_log_format(),
+            level: default_log_level(),
+        }
+    }
+}
+
+fn default_log_format() -> String {
+    "json".into()
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+/// `[[users]]`: a directory user with its HA1 hashes (hex) for the realm.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// User name (the user part of the AOR).
+    pub name: String,
+    /// HA1 = SHA-256(user:realm:password), hex.
+    pub ha1_sha256: String,
+    /// HA1 = MD5(user:realm:password), hex.
+    pub ha1_md5: String,
+}
+
+/// `[danger_test_users]`: users `first..=last`, password `password_prefix`
+/// followed by the user name. For local testing only: the passwords are
+/// derivable by anyone who reads the config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestUsers {
+    /// First user number.
+    pub first: u32,
+    /// Last user number (inclusive).
+    pub last: u32,
+    /// Prefix of every password.
+    pub password_prefix: String,
+}
+
+impl Config {
+    /// Reads, parses and validates `path`. Relative paths in the file are
+    /// taken relative to the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.resolve_paths(base);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.node.data_dir);
+        fix(&mut self.auth.secret_file);
+        if let Some(p) = self.sip.tls_cert.as_mut() {
+            fix(p);
+        }
+        if let Some(p) = self.sip.tls_key.as_mut() {
+            fix(p);
+        }
+    }
+
+    /// Checks ranges and consistency.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if self.node.id.is_empty()
+            || !self
+                .node
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return bad("node.id must be non-empty letters, digits or '-'");
+        }
+        if self.sip.udp.is_empty() && self.sip.tcp.is_empty() && self.sip.tls.is_empty() {
+            return bad("sip: at least one of udp, tcp, tls must list an address");
+        }
+        if self.sip.tls_cert.is_some() != self.sip.tls_key.is_some() {
+            return bad("sip.tls_cert and sip.tls_key go together");
+        }
+        if !(1500..=1_048_576).contains(&self.sip.max_message) {
+            return bad("sip.max_message must be within 1500..=1048576");
+        }
+        if self.sip.max_connections == 0 {
+            return bad("sip.max_connections must be at least 1");
+        }
+        let r = &self.registrar;
+        if r.min_expires == 0 || r.min_expires > r.max_expires {
+            return bad("registrar: need 0 < min_expires <= max_expires");
+        }
+        if r.default_expires < r.min_expires || r.default_expires > r.max_expires {
+            return bad("registrar.default_expires must lie within min_expires..=max_expires");
+        }
+        if r.max_contacts_per_aor == 0 {
+            return bad("registrar.max_contacts_per_aor must be at least 1");
+        }
+        if self.auth.realm.is_empty() || self.auth.realm.contains(['"', '\\']) {
+            return bad("auth.realm must be non-empty without quotes or backslashes");
+        }
+        if self.auth.nonce_max_age_secs == 0 || self.auth.lockout_max_failures == 0 {
+            return bad("auth: nonce_max_age_secs and lockout_max_failures must be at least 1");
+        }
+        if self.auth.algorithms.is_empty()
+            || self
+                .auth
+                .algorithms
+                .iter()
+                .any(|a| !matches!(a.as_str(), "SHA-256" | "MD5"))
+        {
+            return bad("auth.algorithms must list SHA-256 and/or MD5");
+        }
+        if !matches!(self.log.format.as_str(), "json" | "text") {
+            return bad("log.format must be json or text");
+        }
+        for u in &self.users {
+            let hex_ok =
+                |h: &str, n: usize| h.len() == n && h.bytes().all(|b| b.is_ascii_hexdigit());
+            if u.name.is_empty() || !hex_ok(&u.ha1_sha256, 64) || !hex_ok(&u.ha1_md5, 32) {
+                return Err(ConfigError::Invalid(format!(
+                    "user {:?}: name must be non-empty, ha1_sha256 64 and ha1_md5 32 hex digits",
+                    u.name
+                )));
+            }
+        }
+        if let Some(t) = &self.danger_test_users
+            && (t.first > t.last || t.last - t.first >= 1_000_000)
+        {
+            return bad("danger_test_users: need first <= last and at most 1,000,000 users");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+[node]
+id = "a1"
+data_dir = "data"
+[sip]
+udp = ["127.0.0.1:5060"]
+[auth]
+realm = "sipzone.local"
+secret_file = "data/secret"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c: Config = toml::from_str(MIN).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.registrar.min_expires, 60);
+        assert_eq!(c.auth.lockout_max_failures, 5);
+        assert_eq!(c.log.format, "json");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let t = MIN.replace("[sip]", "[sip]\nudpp = []");
+        assert!(toml::from_str::<Config>(&t).is_err());
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        for (from, to) in [
+            ("id = \"a1\"", "id = \"\""),
+            ("udp = [\"127.0.0.1:5060\"]", "udp = []"),
+            ("realm = \"sipzone.local\"", "realm = \"\""),
+        ] {
+            let c: Config = toml::from_str(&MIN.replace(from, to)).unwrap();
+            assert!(c.validate().is_err(), "{to} accepted");
+        }
+        let c: Config = toml::from_str(&format!("{MIN}[registrar]\nmin_expires = 7200\n")).unwrap();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn shipped_configs_are_valid() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/single-node.toml");
+        Config::load(&p).unwrap();
+    }
+}

@@ -1,0 +1,357 @@
+//! The tokio driver of a node: binds the transports, runs the transaction
+//! endpoint, feeds requests to the cores (registrar now, B2BUA next), applies
+//! their proposals to the store, answers when the store commits, and emits
+//! metrics. It owns the clock and the random source; the cores get both as
+//! arguments.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use ring::rand::{SecureRandom, SystemRandom};
+use sip::auth::{Algorithm, NonceKey};
+use sip::endpoint::Endpoint;
+use sip::flow::{Flow, Transport};
+use sip::msg::check::{Caps, check_request};
+use sip::msg::{HeaderName, Limits, Message, Method};
+use sip::transport::{TransportConfig, Transports, pki, tls};
+use sip::txn::{Config as TxnConfig, Event, TxnKey};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{Config, LogConfig};
+use crate::directory::Directory;
+use crate::metrics as m;
+use crate::registrar::{LockoutConfig, Outcome, Pending, Registrar, RegistrarConfig};
+use crate::state::{MemStore, ProposalId, Store};
+
+/// Methods this node implements so far (the B2BUA adds INVITE and the
+/// in-dialog methods).
+const METHODS: &[Method] = &[
+    Method::Register,
+    Method::Options,
+    Method::Ack,
+    Method::Cancel,
+];
+
+/// Sets up `tracing` as configured (`RUST_LOG` overrides the level).
+pub fn init_logging(cfg: &LogConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.level));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cfg.format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+#[allow(clippy::disallowed_methods)] // the driver owns the clock
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A running node.
+pub struct Node {
+    transports: Transports,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    /// Starts a node: secret, certificates, transports, metrics, then the
+    /// request loop.
+    pub async fn start(cfg: Config) -> Result<Node> {
+        let rng = SystemRandom::new();
+        std::fs::create_dir_all(&cfg.node.data_dir)
+            .with_context(|| format!("creating {}", cfg.node.data_dir.display()))?;
+        let secret = load_or_create_secret(&cfg.auth.secret_file, &rng)?;
+        let nonce_key = NonceKey::new(&secret).map_err(|e| anyhow!("nonce secret: {e}"))?;
+
+        let mut directory = Directory::default();
+        for u in &cfg.users {
+            directory.add_hashed(&u.name, &u.ha1_sha256, &u.ha1_md5);
+        }
+        if let Some(t) = &cfg.danger_test_users {
+            tracing::warn!(
+                first = t.first,
+                last = t.last,
+                "danger_test_users: local-testing users with derivable passwords are enabled"
+            );
+            for n in t.first..=t.last {
+                let user = n.to_string();
+                directory.add_with_password(
+                    &user,
+                    &cfg.auth.realm,
+                    &format!("{}{user}", t.password_prefix),
+                );
+            }
+        }
+
+        let mut tc = TransportConfig {
+            udp: cfg.sip.udp.clone(),
+            tcp: cfg.sip.tcp.clone(),
+            tls: cfg.sip.tls.clone(),
+            limits: Limits {
+                max_message: cfg.sip.max_message,
+                max_body: cfg.sip.max_message.saturating_sub(1024),
+                ..Limits::default()
+            },
+            max_connections: cfg.sip.max_connections,
+            ..TransportConfig::default()
+        };
+        if !cfg.sip.tls.is_empty() {
+            let files = match (&cfg.sip.tls_cert, &cfg.sip.tls_key) {
+                (Some(c), Some(k)) => pki::LeafFiles {
+                    cert: c.clone(),
+                    key: k.clone(),
+                },
+                _ => {
+                    let ips: Vec<String> = cfg.sip.tls.iter().map(|a| a.ip().to_string()).collect();
+                    let mut names: Vec<&str> = ips.iter().map(String::as_str).collect();
+                    names.push("localhost");
+                    pki::load_or_create(&cfg.node.data_dir.join("tls"), "node", &names)?
+                }
+            };
+            let cert = std::fs::read(&files.cert)
+                .with_context(|| format!("reading {}", files.cert.display()))?;
+            let key = std::fs::read(&files.key)
+                .with_context(|| format!("reading {}", files.key.display()))?;
+            tc.tls_server = Some(tls::server_config(&cert, &key, None)?);
+        }
+        let (transports, incoming) = Transports::bind(tc).await?;
+
+        if let Some(addr) = cfg.metrics.listen {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .with_http_listener(addr)
+                .install()
+                .with_context(|| format!("starting the metrics endpoint on {addr}"))?;
+        }
+
+        let mut seed = [0u8; 8];
+        rng.fill(&mut seed).map_err(|_| anyhow!("no randomness"))?;
+        let (endpoint, events) = Endpoint::start(
+            transports.clone(),
+            incoming,
+            TxnConfig {
+                tag_seed: u64::from_le_bytes(seed),
+                ..TxnConfig::default()
+            },
+            8192,
+        );
+        let registrar = Registrar::new(
+            RegistrarConfig {
+                realm: cfg.auth.realm.clone(),
+                min_expires: cfg.registrar.min_expires,
+                max_expires: cfg.registrar.max_expires,
+                default_expires: cfg.registrar.default_expires,
+                nonce_max_age_secs: cfg.auth.nonce_max_age_secs,
+                max_contacts_per_aor: cfg.registrar.max_contacts_per_aor,
+                lockout: LockoutConfig {
+                    max_failures: cfg.auth.lockout_max_failures,
+                    window_secs: cfg.auth.lockout_window_secs,
+                    lockout_secs: cfg.auth.lockout_secs,
+                },
+                node_id: cfg.node.id.clone(),
+                algorithms: cfg
+                    .auth
+                    .algorithms
+                    .iter()
+                    .filter_map(|a| a.parse::<Algorithm>().ok())
+                    .collect(),
+                local_addrs: [Transport::Udp, Transport::Tcp, Transport::Tls]
+                    .iter()
+                    .flat_map(|t| transports.local_addrs(*t))
+                    .collect(),
+            },
+            directory,
+            nonce_key,
+        );
+        let (stop, stop_rx) = watch::channel(false);
+        let core = Core {
+            endpoint,
+            registrar,
+            store: MemStore::default(),
+            rng,
+            pending: HashMap::new(),
+            reported: (0, 0),
+        };
+        let task = tokio::spawn(core.run(events, stop_rx));
+        for t in [Transport::Udp, Transport::Tcp, Transport::Tls] {
+            for a in transports.local_addrs(t) {
+                tracing::info!(transport = %t, addr = %a, node = %cfg.node.id, "listening");
+            }
+        }
+        Ok(Node {
+            transports,
+            stop,
+            task,
+        })
+    }
+
+    /// The bound addresses of `transport`.
+    pub fn local_addrs(&self, transport: Transport) -> Vec<SocketAddr> {
+        self.transports.local_addrs(transport)
+    }
+
+    /// Stops the request loop and closes the transports.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        tracing::info!("stopped");
+    }
+}
+
+/// Reads the nonce secret, or writes a new random one (owner-only file).
+fn load_or_create_secret(path: &Path, rng: &SystemRandom) -> Result<Vec<u8>> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        return hex::decode(text.trim()).with_context(|| format!("{}: not hex", path.display()));
+    }
+    let mut s = [0u8; 32];
+    rng.fill(&mut s).map_err(|_| anyhow!("no randomness"))?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(hex::encode(s).as_bytes()))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(s.to_vec())
+}
+
+/// The request loop: owns the cores and the store.
+struct Core {
+    endpoint: Endpoint,
+    registrar: Registrar,
+    store: MemStore,
+    rng: SystemRandom,
+    /// Requests waiting for their proposal to commit.
+    pending: HashMap<ProposalId, (TxnKey, Pending)>,
+    /// Registrar counters already turned into metrics (failures, lockouts).
+    reported: (u64, u64),
+}
+
+impl Core {
+    async fn run(mut self, mut events: mpsc::Receiver<Event>, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(ev) => self.event(ev).await,
+                    None => break,
+                },
+                _ = tick.tick() => self.housekeeping(),
+                _ = stop.changed() => break,
+            }
+        }
+    }
+
+    fn random(&self) -> [u8; 8] {
+        let mut b = [0u8; 8];
+        let _ = self.rng.fill(&mut b);
+        b
+    }
+
+    fn housekeeping(&mut self) {
+        let now = unix_now();
+        self.store.expire(now);
+        self.registrar.purge(now);
+        metrics::gauge!(m::REGISTRATIONS).set(self.store.state().binding_count() as f64);
+    }
+
+    async fn respond(&self, key: TxnKey, req: &Message, resp: Message) {
+        let method = req.method().map(|m| m.to_string()).unwrap_or_default();
+        let code = resp.status().unwrap_or(0).to_string();
+        metrics::counter!(m::RESPONSES, "method" => method, "code" => code).increment(1);
+        if let Err(e) = self.endpoint.send_response(key, resp).await {
+            tracing::debug!(error = %e, "response not sent");
+        }
+    }
+
+    async fn event(&mut self, ev: Event) {
+        let Event::Request { key, flow, msg } = ev else {
+            return;
+        };
+        let Some(method) = msg.method() else {
+            return;
+        };
+        metrics::counter!(m::REQUESTS, "method" => method.to_string()).increment(1);
+        let caps = Caps {
+            methods: METHODS,
+            ..Caps::default()
+        };
+        if let Err(r) = check_request(&msg, &caps) {
+            let tag = hex::encode(self.random());
+            let resp = r.response_to(&msg, Some(&tag));
+            self.respond(key, &msg, resp).await;
+            return;
+        }
+        match method {
+            Method::Register => self.register(key, flow, msg).await,
+            Method::Options => {
+                let tag = hex::encode(self.random());
+                let allow: Vec<&str> = METHODS.iter().map(Method::as_str).collect();
+                let resp = msg
+                    .response(200, "OK", Some(&tag))
+                    .with(HeaderName::Allow, &allow.join(", "))
+                    .with(HeaderName::Accept, "application/sdp")
+                    .with(HeaderName::Supported, "path, outbound")
+                    .with_named(
+                        "X-Sipzone-Load",
+                        &format!("registrations={}", self.store.state().binding_count()),
+                    );
+                self.respond(key, &msg, resp).await;
+            }
+            _ => {}
+        }
+    }
+
+    async fn register(&mut self, key: TxnKey, flow: Flow, msg: Message) {
+        let now = unix_now();
+        let random = self.random();
+        let outcome = self.registrar.handle(
+            now,
+            random,
+            flow.remote,
+            flow.transport.via_token(),
+            &msg,
+            self.store.state(),
+        );
+        self.report_registrar_stats();
+        match outcome {
+            Outcome::Respond(resp) => self.respond(key, &msg, resp).await,
+            Outcome::Propose { entry, pending } => {
+                self.pending.insert(entry.id, (key, pending));
+                self.store.propose(entry);
+                for id in self.store.take_committed() {
+                    if let Some((key, pending)) = self.pending.remove(&id) {
+                        let resp = self.registrar.committed(pending, self.store.state());
+                        self.respond(key, &msg, resp).await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn report_registrar_stats(&mut self) {
+        let s = self.registrar.stats();
+        let (f, l) = (s.auth_failures, s.lockouts);
+        if f > self.reported.0 {
+            metrics::counter!(m::AUTH_FAILURES).increment(f - self.reported.0);
+        }
+        if l > self.reported.1 {
+            metrics::counter!(m::LOCKOUTS).increment(l - self.reported.1);
+        }
+        self.reported = (f, l);
+    }
+}

@@ -1,0 +1,15 @@
+//! Metric names served on `/metrics` (Prometheus). Emitted by the driver
+//! only; the cores count in plain fields.
+
+/// SIP requests received, by `method`.
+pub const REQUESTS: &str = "sipzone_node_requests_total";
+/// SIP responses sent, by `method` and `code`.
+pub const RESPONSES: &str = "sipzone_node_responses_total";
+/// Bindings currently registered (gauge).
+pub const REGISTRATIONS: &str = "sipzone_node_registrations";
+/// Calls in progress (gauge).
+pub const ACTIVE_CALLS: &str = "sipzone_node_active_calls";
+/// Failed digest authentications.
+pub const AUTH_FAILURES: &str = "sipzone_node_auth_failures_total";
+/// Requests refused because a user or source is locked out, by `scope`.
+pub const LOCKOUTS: &str = "sipzone_node_lockouts_total";

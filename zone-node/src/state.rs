@@ -1,0 +1,837 @@
+//! The replicated state machine behind the [`Store`]: registrations
+//! (RFC 3261 §10, RFC 3327 Path, RFC 5626 flows), keyed by address-of-record
+//! so the state can later be split into several Raft groups (DESIGN §7).
+//!
+//! Cores never write state directly: they build an [`Entry`] (a batch of
+//! [`Command`]s carrying a [`ProposalId`]), hand it to the store with
+//! [`Store::propose`], and act when the store reports the id committed.
+//! [`State::apply`] is deterministic (it reads no clock: time comes from
+//! [`Entry::at_unix`]) and idempotent (an entry whose id was already applied is
+//! a no-op), so a replica that crashed can replay its log over a state that
+//! already holds part of it.
+//!
+//! ```text
+//!   core ──propose(Entry{id,..})──▶ Store ──(Raft log / at once)──▶ State::apply
+//!     ▲                                │
+//!     └────── Committed(id) ◀──────────┘  (drained by the driver, matched by id)
+//! ```
+//!
+//! Binding identity (RFC 3261 §10.3 step 7, RFC 5626 §6): a binding that
+//! carries both `+sip.instance` and `reg-id` is keyed by that pair (a new flow
+//! of the same instance and reg-id replaces the old one, whatever its Contact
+//! URI); any other binding is keyed by its Contact URI, compared with the
+//! RFC 3261 §19.1.4 rules ([`same_contact`]). An update from the same Call-ID
+//! must carry a higher CSeq than the binding it changes, otherwise the whole
+//! entry is rejected and leaves the state untouched.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use sip::msg::{Host, SipUri, Uri};
+
+/// A normalized address-of-record, `sip:user@domain` with the host lower-cased
+/// (the registrar key of RFC 3261 §10.3, built by [`SipUri::aor`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Aor(String);
+
+impl Aor {
+    /// The AOR of a SIP or SIPS URI (scheme and host lower-cased, no port,
+    /// parameters or headers).
+    pub fn from_uri(uri: &SipUri<'_>) -> Aor {
+        Aor(uri.aor())
+    }
+
+    /// Parses a URI text and takes its AOR; `None` unless it is a SIP or SIPS URI.
+    pub fn parse(uri: &str) -> Option<Aor> {
+        match Uri::parse(uri).ok()? {
+            Uri::Sip(u) => Some(Aor::from_uri(&u)),
+            _ => None,
+        }
+    }
+
+    /// The AOR text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Aor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The id a core gives an [`Entry`], returned by the store once the entry is
+/// committed. Ids increase in the order entries are applied (see
+/// [`State::apply`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ProposalId(pub u64);
+
+impl fmt::Display for ProposalId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "p{}", self.0)
+    }
+}
+
+/// One registered contact of an AOR (RFC 3261 §10.3 step 7, RFC 3327 §5.3,
+/// RFC 5626 §6).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    /// The Contact URI as registered, URI parameters kept (header parameters
+    /// such as `expires`, `q`, `+sip.instance` are the fields below).
+    pub contact: String,
+    /// Unix second at which the binding expires.
+    pub expires_at_unix: u64,
+    /// The `q` value times 1000 (0..=1000), when given.
+    pub q: Option<u16>,
+    /// Call-ID of the REGISTER that wrote the binding.
+    pub call_id: String,
+    /// CSeq number of the REGISTER that wrote the binding.
+    pub cseq: u32,
+    /// The Path header values of that REGISTER, top first (RFC 3327).
+    pub path: Vec<String>,
+    /// The `+sip.instance` value, quotes removed (RFC 5626 §4.1).
+    pub instance: Option<String>,
+    /// The `reg-id` value (RFC 5626 §4.2), only kept when outbound applies.
+    pub reg_id: Option<u32>,
+    /// Where the REGISTER came from, `transport:address:port`
+    /// (e.g. `udp:127.0.0.1:5062`), to reach the contact without Path.
+    pub received: Option<String>,
+    /// The node that accepted the REGISTER.
+    pub node: String,
+}
+
+impl Binding {
+    /// True when this binding is keyed by instance and reg-id (RFC 5626 §6).
+    pub fn is_flow(&self) -> bool {
+        self.instance.is_some() && self.reg_id.is_some()
+    }
+
+    /// True when a registration of (`contact`, `instance`, `reg_id`) refers to
+    /// this binding: same instance and reg-id for RFC 5626 flows, else an
+    /// equivalent Contact URI (RFC 3261 §10.3 step 7, §19.1.4).
+    pub fn matches(&self, contact: &str, instance: Option<&str>, reg_id: Option<u32>) -> bool {
+        match (instance, reg_id) {
+            (Some(i), Some(r)) => {
+                self.is_flow() && self.instance.as_deref() == Some(i) && self.reg_id == Some(r)
+            }
+            _ => !self.is_flow() && same_contact(&self.contact, contact),
+        }
+    }
+
+    /// Seconds left at `now_unix` (0 once expired).
+    pub fn remaining(&self, now_unix: u64) -> u64 {
+        self.expires_at_unix.saturating_sub(now_unix)
+    }
+
+    /// The q value used for ordering: an absent q counts as 1.0.
+    pub fn q_or_default(&self) -> u16 {
+        self.q.unwrap_or(1000)
+    }
+}
+
+/// The Call-ID and CSeq of the REGISTER a removal comes from, for the
+/// RFC 3261 §10.3 step 7 ordering rule. Removals made by an operator carry none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestSeq {
+    /// Call-ID of the REGISTER.
+    pub call_id: String,
+    /// CSeq number of the REGISTER.
+    pub cseq: u32,
+}
+
+/// A change to the replicated state. Every command of an [`Entry`] is applied,
+/// or none is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Adds the binding, or replaces the one it matches ([`Binding::matches`]).
+    UpsertBinding {
+        /// The address-of-record.
+        aor: Aor,
+        /// The new binding (its Call-ID and CSeq are checked against the old).
+        binding: Binding,
+    },
+    /// Removes the binding matching `contact` / `instance` + `reg_id`, if any.
+    RemoveBinding {
+        /// The address-of-record.
+        aor: Aor,
+        /// The Contact URI as sent in the removing REGISTER.
+        contact: String,
+        /// Its `+sip.instance`, when present.
+        instance: Option<String>,
+        /// Its `reg-id`, when outbound applies.
+        reg_id: Option<u32>,
+        /// The REGISTER's Call-ID and CSeq, checked against the binding's.
+        seq: Option<RequestSeq>,
+    },
+    /// Removes every binding of the AOR (`Contact: *`, RFC 3261 §10.3 step 6).
+    ClearAor {
+        /// The address-of-record.
+        aor: Aor,
+        /// The REGISTER's Call-ID and CSeq, checked against every binding's.
+        seq: Option<RequestSeq>,
+    },
+    /// Drops every binding expired at `now_unix` (proposed periodically by
+    /// the leader, so that all replicas drop the same bindings). Applied after
+    /// the other commands of its entry.
+    Expire {
+        /// Bindings with `expires_at_unix <= now_unix` go.
+        now_unix: u64,
+    },
+}
+
+impl Command {
+    /// The AOR this command changes (`None` for [`Command::Expire`]).
+    pub fn aor(&self) -> Option<&Aor> {
+        match self {
+            Command::UpsertBinding { aor, .. }
+            | Command::RemoveBinding { aor, .. }
+            | Command::ClearAor { aor, .. } => Some(aor),
+            Command::Expire { .. } => None,
+        }
+    }
+}
+
+/// A batch of commands from one request, applied atomically.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The proposer's id, reported back on commit.
+    pub id: ProposalId,
+    /// Unix second at which the proposer built the entry: the "now" of apply.
+    pub at_unix: u64,
+    /// The commands, in order.
+    pub cmds: Vec<Command>,
+}
+
+/// Why [`State::apply`] refused an entry (deterministically: every replica
+/// refuses it alike).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    /// RFC 3261 §10.3 step 7: a binding written from the same Call-ID already
+    /// has this CSeq or a higher one.
+    #[error("out-of-order CSeq {cseq} for Call-ID {call_id} on {aor}")]
+    OutOfOrder {
+        /// The address-of-record.
+        aor: Aor,
+        /// The shared Call-ID.
+        call_id: String,
+        /// The CSeq of the refused command.
+        cseq: u32,
+    },
+}
+
+/// What [`State::apply`] did with an entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// The entry was applied.
+    Done {
+        /// Bindings added or replaced.
+        upserted: usize,
+        /// Bindings removed (expired ones included).
+        removed: usize,
+    },
+    /// The id was already applied: nothing changed.
+    Duplicate,
+    /// The entry was refused as a whole: no binding changed (its id counts as
+    /// applied).
+    Rejected(ApplyError),
+}
+
+/// The applied state: bindings per AOR, and the last applied proposal id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct State {
+    /// Bindings per AOR, in registration order (never empty vectors).
+    bindings: BTreeMap<Aor, Vec<Binding>>,
+    /// Total number of bindings, expired ones not yet dropped included.
+    count: usize,
+    /// The id of the last applied entry.
+    last_applied: Option<ProposalId>,
+}
+
+impl State {
+    /// An empty state.
+    pub fn new() -> State {
+        State::default()
+    }
+
+    /// The id of the last applied entry.
+    pub fn last_applied(&self) -> Option<ProposalId> {
+        self.last_applied
+    }
+
+    /// Applies `entry` if its id is above the last applied one; an id at or
+    /// below it is a no-op ([`Applied::Duplicate`]), which makes replay safe.
+    /// Entries must be applied in id order.
+    pub fn apply(&mut self, entry: &Entry) -> Applied {
+        if self.last_applied.is_some_and(|last| entry.id <= last) {
+            return Applied::Duplicate;
+        }
+        self.last_applied = Some(entry.id);
+        // Work on copies of the touched AORs so a refused entry changes nothing.
+        let mut work: BTreeMap<Aor, Vec<Binding>> = BTreeMap::new();
+        let mut upserted = 0;
+        let mut removed = 0;
+        let mut expire_at = None;
+        for cmd in &entry.cmds {
+            let Some(aor) = cmd.aor() else {
+                if let Command::Expire { now_unix } = cmd {
+                    expire_at = Some(expire_at.map_or(*now_unix, |t: u64| t.max(*now_unix)));
+                }
+                continue;
+            };
+            let list = work.entry(aor.clone()).or_insert_with(|| {
+                let mut v = self.bindings.get(aor).cloned().unwrap_or_default();
+                let before = v.len();
+                v.retain(|b| b.expires_at_unix > entry.at_unix);
+                removed += before - v.len();
+                v
+            });
+            match apply_command(list, cmd) {
+                Ok((u, r)) => {
+                    upserted += u;
+                    removed += r;
+                }
+                Err(e) => return Applied::Rejected(e),
+            }
+        }
+        for (aor, list) in work {
+            let old = self.bindings.get(&aor).map_or(0, Vec::len);
+            self.count = self.count - old + list.len();
+            if list.is_empty() {
+                self.bindings.remove(&aor);
+            } else {
+                self.bindings.insert(aor, list);
+            }
+        }
+        if let Some(now) = expire_at {
+            removed += self.expire(now);
+        }
+        Applied::Done { upserted, removed }
+    }
+
+    /// The result of applying `cmds` to `aor`'s bindings at `at_unix`, without
+    /// changing the state (commands for other AORs are skipped). Cores use it
+    /// to check a request before proposing it.
+    pub fn preview(
+        &self,
+        aor: &Aor,
+        at_unix: u64,
+        cmds: &[Command],
+    ) -> Result<Vec<Binding>, ApplyError> {
+        let mut list: Vec<Binding> = self
+            .bindings
+            .get(aor)
+            .map(|v| {
+                v.iter()
+                    .filter(|b| b.expires_at_unix > at_unix)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for cmd in cmds.iter().filter(|c| c.aor() == Some(aor)) {
+            apply_command(&mut list, cmd)?;
+        }
+        Ok(list)
+    }
+
+    /// The bindings of `aor` unexpired at `now_unix`, by q descending (an
+    /// absent q counts as 1.0), then in registration order.
+    pub fn bindings(&self, aor: &Aor, now_unix: u64) -> Vec<&Binding> {
+        let mut out: Vec<&Binding> = self
+            .bindings
+            .get(aor)
+            .map(|v| v.iter().filter(|b| b.expires_at_unix > now_unix).collect())
+            .unwrap_or_default();
+        out.sort_by_key(|b| std::cmp::Reverse(b.q_or_default()));
+        out
+    }
+
+    /// Number of stored bindings, expired ones not yet dropped included.
+    pub fn binding_count(&self) -> usize {
+        self.count
+    }
+
+    /// Number of AORs with at least one stored binding.
+    pub fn aor_count(&self) -> usize {
+        self.bindings.len()
+    }
+
+    /// Drops every binding expired at `now_unix`; returns how many went.
+    ///
+    /// Local housekeeping for the in-memory store; a replicated store proposes
+    /// [`Command::Expire`] instead so every replica drops the same bindings.
+    pub fn expire(&mut self, now_unix: u64) -> usize {
+        let mut gone = 0;
+        self.bindings.retain(|_, list| {
+            let before = list.len();
+            list.retain(|b| b.expires_at_unix > now_unix);
+            gone += before - list.len();
+            !list.is_empty()
+        });
+        self.count -= gone;
+        gone
+    }
+}
+
+/// Refuses a change to `b` from the same Call-ID without a higher CSeq.
+fn check_order(aor: &Aor, b: &Binding, call_id: &str, cseq: u32) -> Result<(), ApplyError> {
+    if b.call_id == call_id && cseq <= b.cseq {
+        return Err(ApplyError::OutOfOrder {
+            aor: aor.clone(),
+            call_id: call_id.to_owned(),
+            cseq,
+        });
+    }
+    Ok(())
+}
+
+/// Applies one AOR command to `list`; returns (upserted, removed). On error
+/// `list` may be half changed: callers work on a copy.
+fn apply_command(list: &mut Vec<Binding>, cmd: &Command) -> Result<(usize, usize), ApplyError> {
+    match cmd {
+        Command::UpsertBinding { aor, binding } => {
+            let (contact, instance, reg_id) = (
+                binding.contact.as_str(),
+                binding.instance.as_deref(),
+                binding.reg_id,
+            );
+            let reg_id = if instance.is_some() { reg_id } else { None };
+            for b in list.iter().filter(|b| b.matches(contact, instance, reg_id)) {
+                check_order(aor, b, &binding.call_id, binding.cseq)?;
+            }
+            match list
+                .iter()
+                .position(|b| b.matches(contact, instance, reg_id))
+            {
+                Some(i) => {
+                    list[i] = binding.clone();
+                    let mut n = 0;
+                    let mut extra = 0;
+                    list.retain(|b| {
+                        let keep = n <= i || !b.matches(contact, instance, reg_id);
+                        n += 1;
+                        extra += usize::from(!keep);
+                        keep
+                    });
+                    Ok((1, extra))
+                }
+                None => {
+                    list.push(binding.clone());
+                    Ok((1, 0))
+                }
+            }
+        }
+        Command::RemoveBinding {
+            aor,
+            contact,
+            instance,
+            reg_id,
+            seq,
+        } => {
+            let reg_id = if instance.is_some() { *reg_id } else { None };
+            let hit = |b: &Binding| b.matches(contact, instance.as_deref(), reg_id);
+            if let Some(s) = seq {
+                for b in list.iter().filter(|b| hit(b)) {
+                    check_order(aor, b, &s.call_id, s.cseq)?;
+                }
+            }
+            let before = list.len();
+            list.retain(|b| !hit(b));
+            Ok((0, before - list.len()))
+        }
+        Command::ClearAor { aor, seq } => {
+            if let Some(s) = seq {
+                for b in list.iter() {
+                    check_order(aor, b, &s.call_id, s.cseq)?;
+                }
+            }
+            let n = list.len();
+            list.clear();
+            Ok((0, n))
+        }
+        Command::Expire { .. } => Ok((0, 0)),
+    }
+}
+
+/// URI parameters that must match when present in either URI (RFC 3261 §19.1.4).
+const STRICT_PARAMS: [&str; 5] = ["user", "ttl", "method", "maddr", "transport"];
+
+/// True when two Contact URIs are equivalent under RFC 3261 §19.1.4: scheme,
+/// user and password (escapes decoded, case-sensitive), host (case-insensitive)
+/// and port equal; `user`, `ttl`, `method`, `maddr`, `transport` equal when in
+/// either; other parameters equal when in both; headers equal. Non-SIP URIs
+/// compare as text with a case-insensitive scheme.
+pub fn same_contact(a: &str, b: &str) -> bool {
+    match (Uri::parse(a), Uri::parse(b)) {
+        (Ok(Uri::Sip(x)), Ok(Uri::Sip(y))) => same_sip_uri(&x, &y),
+        _ => match (a.split_once(':'), b.split_once(':')) {
+            (Some((sa, ra)), Some((sb, rb))) => sa.eq_ignore_ascii_case(sb) && ra == rb,
+            _ => a == b,
+        },
+    }
+}
+
+fn same_sip_uri(x: &SipUri<'_>, y: &SipUri<'_>) -> bool {
+    let host_eq = match (x.host, y.host) {
+        (Host::Name(a), Host::Name(b)) => a.eq_ignore_ascii_case(b),
+        (a, b) => a == b,
+    };
+    if x.secure != y.secure
+        || !host_eq
+        || x.port != y.port
+        || x.user_decoded() != y.user_decoded()
+        || x.password.map(sip::msg::scan::percent_decode)
+            != y.password.map(sip::msg::scan::percent_decode)
+        || x.headers != y.headers
+    {
+        return false;
+    }
+    let eq = |a: Option<&str>, b: Option<&str>| match (a, b) {
+        (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
+        (a, b) => a == b,
+    };
+    for name in STRICT_PARAMS {
+        match (x.params.get(name), y.params.get(name)) {
+            (None, None) => {}
+            (Some(a), Some(b)) if eq(a, b) => {}
+            _ => return false,
+        }
+    }
+    x.params
+        .iter()
+        .filter(|(n, _)| !STRICT_PARAMS.iter().any(|s| s.eq_ignore_ascii_case(n)))
+        .all(|(n, v)| y.params.get(n).is_none_or(|w| eq(v, w)))
+}
+
+/// Where cores send their entries: applies them (at once, or once a Raft
+/// majority holds them) and reports each committed [`ProposalId`].
+pub trait Store {
+    /// Submits an entry; its id comes back from [`Store::take_committed`] once
+    /// the entry is applied.
+    fn propose(&mut self, entry: Entry);
+    /// The applied state.
+    fn state(&self) -> &State;
+    /// Ids committed since the last call, in commit order.
+    fn take_committed(&mut self) -> Vec<ProposalId>;
+}
+
+/// A single-node store that applies each entry at once, and queues its id
+/// for the driver, as the Raft store will do asynchronously.
+#[derive(Debug, Clone, Default)]
+pub struct MemStore {
+    state: State,
+    committed: Vec<ProposalId>,
+}
+
+impl MemStore {
+    /// An empty store.
+    pub fn new() -> MemStore {
+        MemStore::default()
+    }
+
+    /// Ids committed since the last call, in commit order.
+    pub fn take_committed(&mut self) -> Vec<ProposalId> {
+        std::mem::take(&mut self.committed)
+    }
+
+    /// Drops expired bindings (see [`State::expire`]); returns how many went.
+    pub fn expire(&mut self, now_unix: u64) -> usize {
+        self.state.expire(now_unix)
+    }
+}
+
+impl Store for MemStore {
+    fn propose(&mut self, entry: Entry) {
+        match self.state.apply(&entry) {
+            Applied::Rejected(e) => tracing::debug!(id = %entry.id, error = %e, "entry refused"),
+            Applied::Duplicate => tracing::debug!(id = %entry.id, "entry already applied"),
+            Applied::Done { .. } => {}
+        }
+        self.committed.push(entry.id);
+    }
+
+    fn state(&self) -> &State {
+        &self.state
+    }
+
+    fn take_committed(&mut self) -> Vec<ProposalId> {
+        MemStore::take_committed(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn aor(s: &str) -> Aor {
+        Aor::parse(s).unwrap()
+    }
+
+    fn binding(contact: &str, exp: u64, call_id: &str, cseq: u32) -> Binding {
+        Binding {
+            contact: contact.into(),
+            expires_at_unix: exp,
+            q: None,
+            call_id: call_id.into(),
+            cseq,
+            path: vec![],
+            instance: None,
+            reg_id: None,
+            received: Some("udp:127.0.0.1:5062".into()),
+            node: "n1".into(),
+        }
+    }
+
+    fn upsert(a: &Aor, b: Binding) -> Command {
+        Command::UpsertBinding {
+            aor: a.clone(),
+            binding: b,
+        }
+    }
+
+    fn entry(id: u64, at: u64, cmds: Vec<Command>) -> Entry {
+        Entry {
+            id: ProposalId(id),
+            at_unix: at,
+            cmds,
+        }
+    }
+
+    #[test]
+    fn aor_is_normalized() {
+        assert_eq!(
+            aor("sip:Alice@SipZone.LOCAL:5060;transport=tcp").as_str(),
+            "sip:Alice@sipzone.local"
+        );
+        assert!(Aor::parse("tel:+123").is_none());
+    }
+
+    #[test]
+    fn contact_equivalence_follows_rfc3261_19_1_4() {
+        assert!(same_contact(
+            "sip:a@HOST.example:5060",
+            "sip:a@host.example:5060"
+        ));
+        assert!(!same_contact("sip:a@host", "sip:A@host"));
+        assert!(!same_contact("sip:a@host", "sip:a@host:5060"));
+        assert!(!same_contact("sip:a@host;transport=tcp", "sip:a@host"));
+        assert!(same_contact(
+            "sip:a@host;transport=TCP",
+            "sip:a@host;transport=tcp"
+        ));
+        assert!(same_contact("sip:a@host;ob", "sip:a@host"));
+        assert!(!same_contact("sip:a@host;x=1", "sip:a@host;x=2"));
+        assert!(same_contact("sip:%61@host", "sip:a@host"));
+        assert!(!same_contact("sips:a@host", "sip:a@host"));
+        assert!(same_contact("TEL:+1", "tel:+1"));
+    }
+
+    #[test]
+    fn apply_is_idempotent_and_in_order() {
+        let a = aor("sip:alice@sipzone.local");
+        let mut s = State::new();
+        let e = entry(1, 100, vec![upsert(&a, binding("sip:a@h", 200, "c", 1))]);
+        assert_eq!(
+            s.apply(&e),
+            Applied::Done {
+                upserted: 1,
+                removed: 0
+            }
+        );
+        let before = s.clone();
+        assert_eq!(s.apply(&e), Applied::Duplicate);
+        assert_eq!(s, before);
+        // An older id arriving late is a no-op too.
+        let old = entry(
+            0,
+            100,
+            vec![Command::ClearAor {
+                aor: a.clone(),
+                seq: None,
+            }],
+        );
+        assert_eq!(s.apply(&old), Applied::Duplicate);
+        assert_eq!(s.binding_count(), 1);
+        assert_eq!(s.last_applied(), Some(ProposalId(1)));
+    }
+
+    #[test]
+    fn refresh_replaces_and_stale_cseq_rejects_whole_entry() {
+        let a = aor("sip:alice@sipzone.local");
+        let mut s = State::new();
+        s.apply(&entry(
+            1,
+            100,
+            vec![
+                upsert(&a, binding("sip:a@h", 200, "c", 5)),
+                upsert(&a, binding("sip:b@h", 200, "c", 5)),
+            ],
+        ));
+        s.apply(&entry(
+            2,
+            110,
+            vec![upsert(&a, binding("sip:a@H", 300, "c", 6))],
+        ));
+        let now = s.bindings(&a, 110);
+        assert_eq!(now.len(), 2);
+        assert_eq!(now[0].expires_at_unix, 300);
+        // Same Call-ID, CSeq not higher: the whole entry is refused.
+        let before = s.clone();
+        let r = s.apply(&entry(
+            3,
+            120,
+            vec![
+                Command::RemoveBinding {
+                    aor: a.clone(),
+                    contact: "sip:b@h".into(),
+                    instance: None,
+                    reg_id: None,
+                    seq: Some(RequestSeq {
+                        call_id: "c".into(),
+                        cseq: 7,
+                    }),
+                },
+                upsert(&a, binding("sip:a@h", 400, "c", 6)),
+            ],
+        ));
+        assert!(matches!(
+            r,
+            Applied::Rejected(ApplyError::OutOfOrder { cseq: 6, .. })
+        ));
+        assert_eq!(s.bindings, before.bindings);
+        assert_eq!(s.last_applied(), Some(ProposalId(3)));
+        // Another Call-ID may update whatever its CSeq.
+        s.apply(&entry(
+            4,
+            120,
+            vec![upsert(&a, binding("sip:a@h", 400, "other", 1))],
+        ));
+        assert_eq!(s.bindings(&a, 120)[0].call_id, "other");
+    }
+
+    #[test]
+    fn flow_bindings_replace_by_instance_and_reg_id() {
+        let a = aor("sip:alice@sipzone.local");
+        let mut s = State::new();
+        let flow = |contact: &str, reg_id, cseq| Binding {
+            instance: Some("<urn:uuid:1>".into()),
+            reg_id: Some(reg_id),
+            ..binding(contact, 500, "c", cseq)
+        };
+        s.apply(&entry(
+            1,
+            100,
+            vec![upsert(&a, flow("sip:a@10.0.0.1:1", 1, 1))],
+        ));
+        s.apply(&entry(
+            2,
+            100,
+            vec![upsert(&a, flow("sip:a@10.0.0.1:2", 2, 2))],
+        ));
+        assert_eq!(s.binding_count(), 2);
+        s.apply(&entry(
+            3,
+            100,
+            vec![upsert(&a, flow("sip:a@10.0.0.9:7", 1, 3))],
+        ));
+        let list = s.bindings(&a, 100);
+        assert_eq!(list.len(), 2);
+        assert!(list.iter().any(|b| b.contact == "sip:a@10.0.0.9:7"));
+        assert!(!list.iter().any(|b| b.contact == "sip:a@10.0.0.1:1"));
+    }
+
+    #[test]
+    fn bindings_sorted_by_q_and_expired_hidden_then_dropped() {
+        let a = aor("sip:alice@sipzone.local");
+        let mut s = State::new();
+        let with_q = |c: &str, q, exp| Binding {
+            q,
+            ..binding(c, exp, "c", 1)
+        };
+        s.apply(&entry(
+            1,
+            100,
+            vec![
+                upsert(&a, with_q("sip:low@h", Some(100), 500)),
+                upsert(&a, with_q("sip:none@h", None, 500)),
+                upsert(&a, with_q("sip:mid@h", Some(500), 150)),
+            ],
+        ));
+        let order: Vec<&str> = s
+            .bindings(&a, 100)
+            .iter()
+            .map(|b| b.contact.as_str())
+            .collect();
+        assert_eq!(order, ["sip:none@h", "sip:mid@h", "sip:low@h"]);
+        assert_eq!(s.bindings(&a, 150).len(), 2);
+        assert_eq!(s.binding_count(), 3);
+        assert_eq!(s.expire(150), 1);
+        assert_eq!(s.binding_count(), 2);
+        assert_eq!(s.expire(500), 2);
+        assert_eq!(s.binding_count(), 0);
+        assert_eq!(s.aor_count(), 0);
+    }
+
+    #[test]
+    fn expire_command_and_expired_bindings_never_conflict() {
+        let a = aor("sip:alice@sipzone.local");
+        let mut s = State::new();
+        s.apply(&entry(
+            1,
+            100,
+            vec![upsert(&a, binding("sip:a@h", 150, "c", 9))],
+        ));
+        // Expired at apply time: the same Call-ID with a lower CSeq is no conflict.
+        let r = s.apply(&entry(
+            2,
+            200,
+            vec![upsert(&a, binding("sip:a@h", 300, "c", 1))],
+        ));
+        assert_eq!(
+            r,
+            Applied::Done {
+                upserted: 1,
+                removed: 1
+            }
+        );
+        let r = s.apply(&entry(3, 300, vec![Command::Expire { now_unix: 300 }]));
+        assert_eq!(
+            r,
+            Applied::Done {
+                upserted: 0,
+                removed: 1
+            }
+        );
+        assert_eq!(s.binding_count(), 0);
+    }
+
+    #[test]
+    fn mem_store_applies_and_reports_commits() {
+        let a = aor("sip:alice@sipzone.local");
+        let mut st = MemStore::new();
+        st.propose(entry(
+            7,
+            100,
+            vec![upsert(&a, binding("sip:a@h", 200, "c", 1))],
+        ));
+        st.propose(entry(
+            8,
+            100,
+            vec![Command::ClearAor {
+                aor: a.clone(),
+                seq: None,
+            }],
+        ));
+        assert_eq!(st.take_committed(), vec![ProposalId(7), ProposalId(8)]);
+        assert!(st.take_committed().is_empty());
+        assert_eq!(st.state().binding_count(), 0);
+        assert_eq!(st.expire(1000), 0);
+    }
+
+    #[test]
+    fn entries_serialize() {
+        fn is_serde<T: Serialize + for<'de> Deserialize<'de>>() {}
+        is_serde::<Entry>();
+    }
+}
