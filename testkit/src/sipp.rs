@@ -75,10 +75,15 @@ impl Sipp {
 
     /// A SIPp with a scenario file from `testkit/scenarios/`.
     pub fn scenario_file(file: &str, dir: &Path, name: &str) -> Result<Sipp> {
-        let mut s = Self::builtin("uas", dir, name)?;
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("scenarios")
             .join(file);
+        Self::scenario_path(&path, dir, name)
+    }
+
+    /// A SIPp with the scenario file at `path`.
+    pub fn scenario_path(path: &Path, dir: &Path, name: &str) -> Result<Sipp> {
+        let mut s = Self::builtin("uas", dir, name)?;
         s.args[0] = "-sf".into();
         s.args[1] = path.display().to_string();
         Ok(s)

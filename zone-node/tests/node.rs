@@ -1,0 +1,273 @@
+//! `sipzone-node` as a process on loopback: registrations from SIPp with
+//! digest auth, lockout, and bad input. Bounded in count and time; talks to
+//! 127.0.0.1 only.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use sip::flow::{Flow, Transport};
+use sip::msg::Method;
+use testkit::proc::Proc;
+use testkit::sipp::Sipp;
+use testkit::ua::{Ua, UaConfig};
+
+const REALM: &str = "sipzone.local";
+
+fn free_port() -> u16 {
+    for _ in 0..100 {
+        let t = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = t.local_addr().unwrap().port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port");
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+struct Node {
+    _proc: Proc,
+    sip: SocketAddr,
+    dir: PathBuf,
+}
+
+/// Starts a node with the local-testing users on free ports and waits until
+/// it answers OPTIONS.
+fn start_node(name: &str) -> Node {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("node")
+        .join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (sip, tls, metrics) = (free_port(), free_port(), free_port());
+    let cfg = format!(
+        r#"
+[node]
+id = "t1"
+data_dir = "data"
+[sip]
+udp = ["127.0.0.1:{sip}"]
+tcp = ["127.0.0.1:{sip}"]
+tls = ["127.0.0.1:{tls}"]
+[auth]
+realm = "{REALM}"
+secret_file = "data/secret"
+algorithms = ["MD5", "SHA-256"]
+lockout_max_failures = 3
+[metrics]
+listen = "127.0.0.1:{metrics}"
+[log]
+format = "text"
+level = "warn"
+[danger_test_users]
+first = 1000
+last = 1999
+password_prefix = "pw"
+"#
+    );
+    let path = dir.join("node.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let p = Proc::spawn(
+        "sipzone-node",
+        Command::new(env!("CARGO_BIN_EXE_sipzone-node"))
+            .arg("--config")
+            .arg(&path),
+        &dir.join("node.log"),
+    )
+    .unwrap();
+    let node = Node {
+        _proc: p,
+        sip: addr(sip),
+        dir,
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ua = ua().await;
+        let flow = Flow::to(Transport::Udp, node.sip);
+        for _ in 0..100 {
+            let req = ua.out_of_dialog(Method::Options, &format!("sip:{REALM}"), flow);
+            if let Ok(Ok(r)) =
+                tokio::time::timeout(Duration::from_millis(600), ua.request(flow, req)).await
+                && r.status() == Some(200)
+            {
+                return;
+            }
+        }
+        panic!(
+            "sipzone-node does not answer OPTIONS; log:\n{}",
+            log(&node.dir)
+        );
+    });
+    node
+}
+
+fn log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("node.log")).unwrap_or_default()
+}
+
+async fn ua() -> Ua {
+    Ua::start(UaConfig {
+        transport: sip::transport::TransportConfig {
+            udp: vec![addr(0)],
+            tcp: vec![addr(0)],
+            ..Default::default()
+        },
+        ..UaConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
+#[test]
+fn sipp_registers_1000_users_with_digest_auth() {
+    let node = start_node("register-1000");
+    let users = node.dir.join("users.csv");
+    let mut csv = String::from("SEQUENTIAL\n");
+    for u in 1000..2000 {
+        csv += &format!("{u};[authentication username={u} password=pw{u}]\n");
+    }
+    std::fs::write(&users, csv).unwrap();
+    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp/register_auth.xml");
+    let sipp = Sipp::scenario_path(&scenario, &node.dir, "register")
+        .unwrap()
+        .arg("-inf")
+        .arg(users.display())
+        .arg("-key")
+        .arg("domain")
+        .arg(REALM)
+        .arg("-r")
+        .arg(200)
+        .arg("-timeout")
+        .arg("60s")
+        .arg("-timeout_error")
+        .local(addr(free_port()))
+        .calls(1000)
+        .remote(node.sip);
+    let (code, stats) = sipp.run(Duration::from_secs(120)).unwrap();
+    println!("register-1000: exit {code}, {stats:?}");
+    assert_eq!(
+        (code, stats.successful, stats.failed),
+        (0, 1000, 0),
+        "sipp log: {}",
+        std::fs::read_to_string(sipp.log_path()).unwrap_or_default()
+    );
+}
+
+#[test]
+fn wrong_passwords_lock_the_user_out_while_others_register() {
+    let node = start_node("lockout");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ua = ua().await;
+        let flow = Flow::to(Transport::Udp, node.sip);
+        // lockout_max_failures = 3: two wrong answers are challenged again,
+        // the third starts the lockout
+        for _ in 0..2 {
+            let r = ua
+                .register(flow, REALM, "1500", "wrong", 600)
+                .await
+                .unwrap();
+            assert_eq!(r.status(), Some(401), "{r}");
+        }
+        let r = ua
+            .register(flow, REALM, "1500", "wrong", 600)
+            .await
+            .unwrap();
+        assert_eq!(r.status(), Some(429), "{r}");
+        // the source stays locked out: 429 with Retry-After, whatever it sends
+        let r = ua
+            .register(flow, REALM, "1500", "pw1500", 600)
+            .await
+            .unwrap();
+        assert_eq!(r.status(), Some(429), "{r}");
+        assert!(r.header(sip::msg::HeaderName::RetryAfter).is_some());
+        // and so is the user, from any source: 403, even with its password
+        // (UDP from 127.0.0.2: outgoing TCP would leave from 127.0.0.1)
+        let other = ua_other_source().await;
+        let udp = Flow::to(Transport::Udp, node.sip);
+        let r = other
+            .register(udp, REALM, "1500", "pw1500", 600)
+            .await
+            .unwrap();
+        assert_eq!(r.status(), Some(403), "{r}");
+        // another user from another source still registers
+        let r = other
+            .register(udp, REALM, "1501", "pw1501", 600)
+            .await
+            .unwrap();
+        assert_eq!(r.status(), Some(200), "{r}");
+    });
+}
+
+async fn ua_other_source() -> Ua {
+    Ua::start(UaConfig {
+        transport: sip::transport::TransportConfig {
+            udp: vec![SocketAddr::from(([127, 0, 0, 2], 0))],
+            ..Default::default()
+        },
+        ..UaConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
+#[test]
+fn bad_input_gets_4xx_or_is_dropped_and_the_node_keeps_serving() {
+    let node = start_node("bad-input");
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let local = udp.local_addr().unwrap();
+    // a malformed request (CSeq method differs from the request's) gets 400
+    let bad = format!(
+        "OPTIONS sip:{REALM} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bKbad1\r\nFrom: <sip:a@{REALM}>;tag=1\r\nTo: <sip:{REALM}>\r\nCall-ID: bad1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+    );
+    udp.send_to(bad.as_bytes(), node.sip).unwrap();
+    let mut buf = [0u8; 4096];
+    let (n, _) = udp.recv_from(&mut buf).unwrap();
+    assert!(
+        buf[..n].starts_with(b"SIP/2.0 400"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    // garbage is dropped (no answer) ...
+    udp.send_to(b"\x00\x01garbage\xff\r\n\r\n", node.sip)
+        .unwrap();
+    // ... and a 10 MB message over TCP is refused and the connection closed
+    let mut tcp = TcpStream::connect(node.sip).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head = format!(
+        "OPTIONS sip:{REALM} SIP/2.0\r\nVia: SIP/2.0/TCP {local};branch=z9hG4bKbig\r\nFrom: <sip:a@{REALM}>;tag=1\r\nTo: <sip:{REALM}>\r\nCall-ID: big\r\nCSeq: 1 OPTIONS\r\nContent-Length: 10485760\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).unwrap();
+    let chunk = vec![b'x'; 65536];
+    for _ in 0..160 {
+        if tcp.write_all(&chunk).is_err() {
+            break; // closed by the node: refused
+        }
+    }
+    let mut resp = Vec::new();
+    let _ = tcp.read_to_end(&mut resp);
+    assert!(
+        resp.starts_with(b"SIP/2.0 513"),
+        "{}",
+        String::from_utf8_lossy(&resp)
+    );
+    // the node still answers
+    let ok = format!(
+        "OPTIONS sip:{REALM} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bKok1\r\nMax-Forwards: 70\r\nFrom: <sip:a@{REALM}>;tag=1\r\nTo: <sip:{REALM}>\r\nCall-ID: ok1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+    );
+    udp.send_to(ok.as_bytes(), node.sip).unwrap();
+    let (n, _) = udp.recv_from(&mut buf).unwrap();
+    assert!(
+        buf[..n].starts_with(b"SIP/2.0 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+}
