@@ -658,7 +658,11 @@ pub fn stamp_via(msg: &mut Message, source: SocketAddr) -> bool {
         };
         let fill_rport = via.rport() == Some(None);
         let host_differs = via.host.ip().map(|ip| ip.to_canonical()) != Some(source.ip());
-        let add_received = fill_rport || host_differs;
+        // A received the sender wrote itself would steer the response
+        // (response_target prefers it): only the source address may stand.
+        let forged_received = via.params.has("received")
+            && via.received().map(|ip| ip.to_canonical()) != Some(source.ip());
+        let add_received = fill_rport || host_differs || forged_received;
         if !add_received {
             return false;
         }
@@ -824,6 +828,16 @@ Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
             (
                 "SIP/2.0/TCP 10.0.0.1;received=10.9.9.9;branch=z9hG4bKa",
                 Some("SIP/2.0/TCP 10.0.0.1;received=192.0.2.7;branch=z9hG4bKa"),
+            ),
+            // ... also when the sent-by is the source address
+            (
+                "SIP/2.0/UDP 192.0.2.7:5060;received=10.9.9.9;branch=z9hG4bKa",
+                Some("SIP/2.0/UDP 192.0.2.7:5060;received=192.0.2.7;branch=z9hG4bKa"),
+            ),
+            // a received naming the source is left alone
+            (
+                "SIP/2.0/UDP 192.0.2.7:5060;received=192.0.2.7;branch=z9hG4bKa",
+                None,
             ),
         ];
         for (via, want) in cases {
