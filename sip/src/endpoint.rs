@@ -8,12 +8,20 @@
 //! 3581 rules for where a response goes. A failed send is reported back to
 //! the table as a failed flow, so the transactions on it end with a
 //! transport error (§17.1.4, §17.2.4).
+//!
+//! Sends that need a new TCP/TLS connection (a connect and a handshake can
+//! take seconds, or never finish for a peer that drops SYNs) do not hold up
+//! the loop: they go to a connector task per destination, which sends in
+//! order and reports failures back. Everything else is sent inline, so
+//! messages on one flow keep their order.
 
-use std::time::Instant;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::flow::Flow;
+use crate::flow::{Flow, Transport};
 use crate::msg::Message;
 use crate::transport::{Incoming, Transports};
 use crate::txn::{Config, Event, Input, Output, TxnError, TxnKey, TxnTable};
@@ -72,12 +80,15 @@ impl Endpoint {
     ) -> (Endpoint, mpsc::Receiver<Event>) {
         let (cmd_tx, cmd_rx) = mpsc::channel(1024);
         let (ev_tx, ev_rx) = mpsc::channel(events_capacity.max(1));
+        let (failed_tx, failed_rx) = mpsc::channel(1024);
         let driver = Driver {
             table: TxnTable::with_config(config),
             transports: transports.clone(),
             events: ev_tx,
+            connectors: HashMap::new(),
+            failed_tx,
         };
-        tokio::spawn(driver.run(incoming, cmd_rx));
+        tokio::spawn(driver.run(incoming, cmd_rx, failed_rx));
         (
             Endpoint {
                 cmd: cmd_tx,
@@ -127,10 +138,61 @@ impl Endpoint {
     }
 }
 
+/// Messages queued per connector before sends to that destination fail.
+const CONNECTOR_QUEUE: usize = 64;
+/// A connector with nothing to send for this long ends.
+const CONNECTOR_IDLE: Duration = Duration::from_secs(5);
+
 struct Driver {
     table: TxnTable,
     transports: Transports,
     events: mpsc::Sender<Event>,
+    /// Connector tasks by destination, for sends that need a new connection.
+    connectors: HashMap<(Transport, SocketAddr), mpsc::Sender<(Flow, Message)>>,
+    /// Flows whose send failed in a connector.
+    failed_tx: mpsc::Sender<Flow>,
+}
+
+/// Sends one message: requests to their flow, responses by RFC 3261 §18.2.2.
+async fn send(transports: &Transports, flow: &Flow, msg: &Message) -> bool {
+    let sent = if msg.is_request() {
+        transports.send(flow, msg).await
+    } else {
+        transports.send_response(flow, msg).await
+    };
+    match sent {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, remote = %flow.remote, "send failed");
+            false
+        }
+    }
+}
+
+/// Sends what is queued for one destination, in order, then ends after
+/// [`CONNECTOR_IDLE`] without work (draining what arrived meanwhile).
+async fn connector(
+    transports: Transports,
+    mut rx: mpsc::Receiver<(Flow, Message)>,
+    failed: mpsc::Sender<Flow>,
+) {
+    loop {
+        match tokio::time::timeout(CONNECTOR_IDLE, rx.recv()).await {
+            Ok(Some((flow, msg))) => {
+                if !send(&transports, &flow, &msg).await {
+                    let _ = failed.send(flow).await;
+                }
+            }
+            Ok(None) => return,
+            Err(_) => break,
+        }
+    }
+    rx.close();
+    while let Ok((flow, msg)) = rx.try_recv() {
+        if !send(&transports, &flow, &msg).await {
+            let _ = failed.send(flow).await;
+        }
+    }
 }
 
 impl Driver {
@@ -138,6 +200,7 @@ impl Driver {
         mut self,
         mut incoming: mpsc::Receiver<Incoming>,
         mut cmds: mpsc::Receiver<Command>,
+        mut failed: mpsc::Receiver<Flow>,
     ) {
         let mut incoming_open = true;
         let mut cmds_open = true;
@@ -162,6 +225,9 @@ impl Driver {
                     Some(c) => self.command(c),
                     None => cmds_open = false,
                 },
+                Some(flow) = failed.recv() => {
+                    let _ = self.table.handle(now(), Input::FlowFailed { flow });
+                }
                 () = sleep => self.table.handle_timeout(now()),
             }
             if !self.drain().await {
@@ -196,19 +262,44 @@ impl Driver {
         }
     }
 
+    /// Hands a send that needs a new connection to the destination's
+    /// connector, starting one when there is none (or it ended).
+    fn send_via_connector(&mut self, flow: Flow, msg: Message) {
+        let key = (flow.transport, flow.remote);
+        let mut item = (flow, msg);
+        if let Some(tx) = self.connectors.get(&key) {
+            match tx.try_send(item) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    let _ = self.table.handle(now(), Input::FlowFailed { flow });
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(back)) => item = back,
+            }
+        }
+        let (tx, rx) = mpsc::channel(CONNECTOR_QUEUE);
+        // A new channel has room for one message.
+        let _ = tx.try_send(item);
+        self.connectors.retain(|_, c| !c.is_closed());
+        self.connectors.insert(key, tx);
+        tokio::spawn(connector(
+            self.transports.clone(),
+            rx,
+            self.failed_tx.clone(),
+        ));
+    }
+
     /// Performs every pending output. Returns false when the TU is gone.
     async fn drain(&mut self) -> bool {
         while let Some(out) = self.table.poll_output() {
             match out {
                 Output::Send { flow, msg } => {
-                    let sent = if msg.is_request() {
-                        self.transports.send(&flow, &msg).await
+                    if self.transports.is_connected(&flow) {
+                        if !send(&self.transports, &flow, &msg).await {
+                            let _ = self.table.handle(now(), Input::FlowFailed { flow });
+                        }
                     } else {
-                        self.transports.send_response(&flow, &msg).await
-                    };
-                    if let Err(e) = sent {
-                        tracing::debug!(error = %e, remote = %flow.remote, "send failed");
-                        let _ = self.table.handle(now(), Input::FlowFailed { flow });
+                        self.send_via_connector(flow, msg);
                     }
                 }
                 Output::ToTu(ev) => {

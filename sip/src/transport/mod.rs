@@ -419,6 +419,20 @@ impl Transports {
         self.shared.conns.lookup(id).is_some()
     }
 
+    /// True when sending on `flow` needs no new connection: UDP, or a TCP/TLS
+    /// flow whose connection (or another to the same remote) is open. A
+    /// driver uses it to keep connection setup, which can take seconds, off
+    /// its own loop.
+    pub fn is_connected(&self, flow: &Flow) -> bool {
+        match flow.transport {
+            Transport::Udp => true,
+            t => {
+                flow.conn.is_some_and(|id| self.is_open(id))
+                    || self.shared.conns.find(t, canonical(flow.remote)).is_some()
+            }
+        }
+    }
+
     /// Closes connection `id` once its queued messages are written; false
     /// when it was not open.
     pub fn close(&self, id: ConnId) -> bool {
