@@ -7,9 +7,11 @@
 //! - [`state`]: the replicated state machine (bindings) and the `Store` trait.
 //! - [`directory`]: users and their HA1 credentials.
 //! - [`registrar`]: RFC 3261 §10.3 registrar with digest auth and lockout, sans-IO.
+//! - [`b2bua`]: the B2BUA core (forking, relaying, call records), sans-IO.
 //! - [`driver`]: the tokio driver tying transports, transactions and cores together.
 #![forbid(unsafe_code)]
 
+pub mod b2bua;
 pub mod config;
 pub mod directory;
 pub mod driver;

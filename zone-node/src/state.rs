@@ -23,6 +23,13 @@
 //! RFC 3261 §19.1.4 rules ([`same_contact`]). An update from the same Call-ID
 //! must carry a higher CSeq than the binding it changes, otherwise the whole
 //! entry is rejected and leaves the state untouched.
+//!
+//! Calls (DESIGN §4, §5): [`Command::PutCall`] stores a confirmed B2BUA call
+//! (both legs' dialog state, [`CallRecord`]) by its A-leg Call-ID, replacing
+//! the previous version; [`Command::EndCall`] removes it and stores its
+//! [`Cdr`]. A call with a CDR is never stored again. Call commands cannot be
+//! refused; they are applied after the binding commands of their entry, so
+//! an entry refused for a binding changes no call either.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -179,6 +186,22 @@ pub enum Command {
         /// Bindings with `expires_at_unix <= now_unix` go.
         now_unix: u64,
     },
+    /// Stores (or replaces) a confirmed call, keyed by its A-leg Call-ID.
+    /// Ignored when that call already has a CDR: an ended call never comes
+    /// back.
+    PutCall {
+        /// Both legs' dialog state and the owner (boxed: far larger than
+        /// the other commands).
+        call: Box<CallRecord>,
+    },
+    /// Ends a call: removes it from the active calls (if it was there) and
+    /// stores its CDR (replacing one with the same Call-ID).
+    EndCall {
+        /// The A-leg Call-ID.
+        call_id: String,
+        /// The call detail record.
+        cdr: Cdr,
+    },
 }
 
 impl Command {
@@ -188,9 +211,102 @@ impl Command {
             Command::UpsertBinding { aor, .. }
             | Command::RemoveBinding { aor, .. }
             | Command::ClearAor { aor, .. } => Some(aor),
-            Command::Expire { .. } => None,
+            Command::Expire { .. } | Command::PutCall { .. } | Command::EndCall { .. } => None,
         }
     }
+}
+
+/// One leg of a call as a B2BUA holds it: the RFC 3261 §12 dialog state as
+/// plain data, so another node can continue the dialog (DESIGN §5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegRecord {
+    /// The Call-ID of this leg.
+    pub call_id: String,
+    /// Our tag on this leg.
+    pub local_tag: String,
+    /// The peer's tag on this leg.
+    pub remote_tag: String,
+    /// Our address as it goes in From of our requests (tag included).
+    pub local: String,
+    /// The peer's address as it goes in To of our requests (tag included).
+    pub remote: String,
+    /// The CSeq number of our last request on this leg.
+    pub local_seq: u32,
+    /// The CSeq number of the peer's last request, once one was seen.
+    pub remote_seq: Option<u32>,
+    /// The peer's Contact URI: the Request-URI of our requests.
+    pub remote_target: String,
+    /// Route set, in the order our requests carry it.
+    pub route_set: Vec<String>,
+    /// True for a SIPS dialog.
+    pub secure: bool,
+    /// Where the peer's requests came from, `transport:address:port` (as in
+    /// [`Binding::received`]), to reach it when the route set is empty.
+    pub received: Option<String>,
+    /// The Path of the binding this leg was set up through, top first.
+    pub path: Vec<String>,
+}
+
+/// A confirmed B2BUA call (both legs), keyed by its A-leg Call-ID.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallRecord {
+    /// The A-leg Call-ID (the key).
+    pub call_id: String,
+    /// The node acting for the call; only a Raft entry moves it (DESIGN §5).
+    pub owner: String,
+    /// The caller (A's From URI).
+    pub caller: String,
+    /// The callee's address-of-record.
+    pub callee: String,
+    /// The caller's leg (we are its UAS).
+    pub a: LegRecord,
+    /// The callee's leg (we are its UAC).
+    pub b: LegRecord,
+    /// Unix milliseconds at which the INVITE arrived.
+    pub start_unix_ms: u64,
+    /// Unix milliseconds at which the callee answered.
+    pub answer_unix_ms: u64,
+}
+
+/// Why a call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EndReason {
+    /// The caller sent BYE.
+    CallerHangup,
+    /// The callee sent BYE.
+    CalleeHangup,
+    /// The caller cancelled before the answer.
+    Cancelled,
+    /// Every fork failed; `code` was relayed to the caller.
+    Rejected {
+        /// The final status sent to the caller.
+        code: u16,
+    },
+    /// The caller never acknowledged the 2xx (RFC 3261 §13.3.1.4).
+    AckTimeout,
+}
+
+/// A call detail record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cdr {
+    /// The A-leg Call-ID.
+    pub call_id: String,
+    /// The caller (A's From URI).
+    pub caller: String,
+    /// The callee's address-of-record.
+    pub callee: String,
+    /// The node that handled the call last.
+    pub owner: String,
+    /// Unix milliseconds at which the INVITE arrived.
+    pub start_unix_ms: u64,
+    /// Unix milliseconds at which the callee answered, if it did.
+    pub answer_unix_ms: Option<u64>,
+    /// Unix milliseconds at which the call ended.
+    pub end_unix_ms: u64,
+    /// Answered time in milliseconds (0 when unanswered).
+    pub duration_ms: u64,
+    /// Why it ended.
+    pub reason: EndReason,
 }
 
 /// A batch of commands from one request, applied atomically.
@@ -247,6 +363,10 @@ pub struct State {
     count: usize,
     /// The id of the last applied entry.
     last_applied: Option<ProposalId>,
+    /// Confirmed calls by A-leg Call-ID.
+    calls: BTreeMap<String, CallRecord>,
+    /// CDRs of ended calls by A-leg Call-ID (no retention bound yet).
+    cdrs: BTreeMap<String, Cdr>,
 }
 
 impl State {
@@ -273,10 +393,16 @@ impl State {
         let mut upserted = 0;
         let mut removed = 0;
         let mut expire_at = None;
+        let mut call_cmds = Vec::new();
         for cmd in &entry.cmds {
             let Some(aor) = cmd.aor() else {
-                if let Command::Expire { now_unix } = cmd {
-                    expire_at = Some(expire_at.map_or(*now_unix, |t: u64| t.max(*now_unix)));
+                match cmd {
+                    Command::Expire { now_unix } => {
+                        expire_at = Some(expire_at.map_or(*now_unix, |t: u64| t.max(*now_unix)));
+                    }
+                    // Call commands cannot fail: applied once the binding
+                    // commands of the entry are known to succeed.
+                    _ => call_cmds.push(cmd),
                 }
                 continue;
             };
@@ -307,7 +433,48 @@ impl State {
         if let Some(now) = expire_at {
             removed += self.expire(now);
         }
+        for cmd in call_cmds {
+            self.apply_call(cmd);
+        }
         Applied::Done { upserted, removed }
+    }
+
+    fn apply_call(&mut self, cmd: &Command) {
+        match cmd {
+            Command::PutCall { call } if !self.cdrs.contains_key(&call.call_id) => {
+                self.calls.insert(call.call_id.clone(), (**call).clone());
+            }
+            Command::EndCall { call_id, cdr } => {
+                self.calls.remove(call_id);
+                self.cdrs.insert(call_id.clone(), cdr.clone());
+            }
+            _ => {}
+        }
+    }
+
+    /// The active call with A-leg Call-ID `call_id`.
+    pub fn call(&self, call_id: &str) -> Option<&CallRecord> {
+        self.calls.get(call_id)
+    }
+
+    /// Every active call, by A-leg Call-ID.
+    pub fn calls(&self) -> impl Iterator<Item = &CallRecord> {
+        self.calls.values()
+    }
+
+    /// Number of active calls.
+    pub fn call_count(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// The CDR of the ended call with A-leg Call-ID `call_id`.
+    pub fn cdr(&self, call_id: &str) -> Option<&Cdr> {
+        self.cdrs.get(call_id)
+    }
+
+    /// Every stored CDR, by A-leg Call-ID.
+    pub fn cdrs(&self) -> impl Iterator<Item = &Cdr> {
+        self.cdrs.values()
     }
 
     /// The result of applying `cmds` to `aor`'s bindings at `at_unix`, without
@@ -450,7 +617,7 @@ fn apply_command(list: &mut Vec<Binding>, cmd: &Command) -> Result<(usize, usize
             list.clear();
             Ok((0, n))
         }
-        Command::Expire { .. } => Ok((0, 0)),
+        Command::Expire { .. } | Command::PutCall { .. } | Command::EndCall { .. } => Ok((0, 0)),
     }
 }
 
@@ -827,6 +994,134 @@ mod tests {
         assert!(st.take_committed().is_empty());
         assert_eq!(st.state().binding_count(), 0);
         assert_eq!(st.expire(1000), 0);
+    }
+
+    fn leg(call_id: &str) -> LegRecord {
+        LegRecord {
+            call_id: call_id.into(),
+            local_tag: "l".into(),
+            remote_tag: "r".into(),
+            local: "<sip:n@h>;tag=l".into(),
+            remote: "<sip:p@h>;tag=r".into(),
+            local_seq: 1,
+            remote_seq: Some(1),
+            remote_target: "sip:p@192.0.2.1".into(),
+            route_set: vec![],
+            secure: false,
+            received: None,
+            path: vec![],
+        }
+    }
+
+    fn call(id: &str) -> CallRecord {
+        CallRecord {
+            call_id: id.into(),
+            owner: "n1".into(),
+            caller: "sip:1000@realm".into(),
+            callee: "sip:1001@realm".into(),
+            a: leg(id),
+            b: leg("b-leg"),
+            start_unix_ms: 1_000,
+            answer_unix_ms: 2_000,
+        }
+    }
+
+    fn cdr(id: &str) -> Cdr {
+        Cdr {
+            call_id: id.into(),
+            caller: "sip:1000@realm".into(),
+            callee: "sip:1001@realm".into(),
+            owner: "n1".into(),
+            start_unix_ms: 1_000,
+            answer_unix_ms: Some(2_000),
+            end_unix_ms: 5_000,
+            duration_ms: 3_000,
+            reason: EndReason::CallerHangup,
+        }
+    }
+
+    #[test]
+    fn calls_put_end_idempotent_and_never_resurrected() {
+        let mut s = State::new();
+        s.apply(&entry(
+            1,
+            10,
+            vec![Command::PutCall {
+                call: Box::new(call("c1")),
+            }],
+        ));
+        assert_eq!(s.call_count(), 1);
+        assert_eq!(s.call("c1").unwrap().b.call_id, "b-leg");
+        // Replacing (a re-INVITE changed it) keeps one record.
+        let mut changed = call("c1");
+        changed.a.local_seq = 2;
+        s.apply(&entry(
+            2,
+            11,
+            vec![Command::PutCall {
+                call: Box::new(changed),
+            }],
+        ));
+        assert_eq!(s.call("c1").unwrap().a.local_seq, 2);
+        let end = entry(
+            3,
+            12,
+            vec![Command::EndCall {
+                call_id: "c1".into(),
+                cdr: cdr("c1"),
+            }],
+        );
+        s.apply(&end);
+        assert_eq!(s.call_count(), 0);
+        assert_eq!(s.cdr("c1").unwrap().duration_ms, 3_000);
+        let before = s.clone();
+        assert_eq!(s.apply(&end), Applied::Duplicate);
+        assert_eq!(s, before);
+        // A late PutCall for an ended call is ignored, deterministically.
+        s.apply(&entry(
+            4,
+            13,
+            vec![Command::PutCall {
+                call: Box::new(call("c1")),
+            }],
+        ));
+        assert_eq!(s.call_count(), 0);
+        assert_eq!(s.cdrs().count(), 1);
+        // EndCall for a call never confirmed (cancelled) just stores the CDR.
+        s.apply(&entry(
+            5,
+            14,
+            vec![Command::EndCall {
+                call_id: "c2".into(),
+                cdr: cdr("c2"),
+            }],
+        ));
+        assert_eq!(s.cdrs().count(), 2);
+        assert_eq!(s.calls().count(), 0);
+    }
+
+    #[test]
+    fn call_commands_follow_entry_atomicity() {
+        let a = aor("sip:alice@sipzone.local");
+        let mut s = State::new();
+        s.apply(&entry(
+            1,
+            100,
+            vec![upsert(&a, binding("sip:a@h", 200, "c", 5))],
+        ));
+        // A refused binding command refuses the call command of its entry too.
+        let r = s.apply(&entry(
+            2,
+            100,
+            vec![
+                Command::PutCall {
+                    call: Box::new(call("c1")),
+                },
+                upsert(&a, binding("sip:a@h", 300, "c", 4)),
+            ],
+        ));
+        assert!(matches!(r, Applied::Rejected(_)));
+        assert_eq!(s.call_count(), 0);
     }
 
     #[test]
