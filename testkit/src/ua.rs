@@ -250,12 +250,27 @@ impl Ua {
         password: &str,
         expires: u32,
     ) -> Result<Message> {
+        let contact = self.inner.contact(next_hop);
+        self.register_contact(next_hop, domain, user, password, expires, &contact)
+            .await
+    }
+
+    /// Like [`Ua::register`], binding `contact` (for example another
+    /// element's address, as a third-party registration).
+    pub async fn register_contact(
+        &self,
+        next_hop: Flow,
+        domain: &str,
+        user: &str,
+        password: &str,
+        expires: u32,
+        contact: &str,
+    ) -> Result<Message> {
         let inner = &self.inner;
         let call_id = format!("{}@testkit", inner.token());
         let from_tag = inner.token();
         let aor = format!("sip:{user}@{domain}");
         let registrar = format!("sip:{domain}");
-        let contact = inner.contact(next_hop);
         let build = |seq: u32| {
             let mut m = inner
                 .base_request(
@@ -266,7 +281,7 @@ impl Ua {
                     &from_tag,
                     seq,
                 )
-                .with(HeaderName::Contact, &contact)
+                .with(HeaderName::Contact, contact)
                 .with(HeaderName::Expires, &expires.to_string());
             // REGISTER's To is the AOR, like From.
             m.set(HeaderName::To, &format!("<{aor}>"));

@@ -462,7 +462,7 @@ impl Call {
 }
 
 /// The random source: 8 fresh bytes per call.
-pub type Random = Box<dyn FnMut() -> [u8; 8] + Send>;
+pub type Random = Box<dyn FnMut() -> [u8; 8] + Send + Sync>;
 
 /// The B2BUA core of one node.
 pub struct B2bua {

@@ -15,24 +15,31 @@ use sip::auth::{Algorithm, NonceKey};
 use sip::endpoint::Endpoint;
 use sip::flow::{Flow, Transport};
 use sip::msg::check::{Caps, check_request};
-use sip::msg::{HeaderName, Limits, Message, Method};
+use sip::msg::{HeaderName, Limits, Message, Method, Uri};
 use sip::transport::{TransportConfig, Transports, pki, tls};
 use sip::txn::{Config as TxnConfig, Event, TxnKey};
 use tokio::sync::{mpsc, watch};
 
+use crate::b2bua::{self, B2bua, B2buaConfig, Now, Target};
 use crate::config::{Config, LogConfig};
 use crate::directory::Directory;
 use crate::metrics as m;
 use crate::registrar::{LockoutConfig, Outcome, Pending, Registrar, RegistrarConfig};
 use crate::state::{MemStore, ProposalId, Store};
 
-/// Methods this node implements so far (the B2BUA adds INVITE and the
-/// in-dialog methods).
+/// Methods this node implements: the registrar's, OPTIONS, and what the
+/// B2BUA handles (calls and the requests inside them).
 const METHODS: &[Method] = &[
     Method::Register,
     Method::Options,
+    Method::Invite,
     Method::Ack,
     Method::Cancel,
+    Method::Bye,
+    Method::Update,
+    Method::Info,
+    Method::Prack,
+    Method::Message,
 ];
 
 /// Sets up `tracing` as configured (`RUST_LOG` overrides the level).
@@ -50,10 +57,22 @@ pub fn init_logging(cfg: &LogConfig) {
 }
 
 #[allow(clippy::disallowed_methods)] // the driver owns the clock
-fn unix_now() -> u64 {
+fn unix_now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn unix_now() -> u64 {
+    unix_now_ms() / 1000
+}
+
+#[allow(clippy::disallowed_methods)] // the driver owns the clock
+fn now() -> Now {
+    Now {
+        instant: std::time::Instant::now(),
+        unix_ms: unix_now_ms(),
+    }
 }
 
 /// A running node.
@@ -172,10 +191,31 @@ impl Node {
             directory,
             nonce_key,
         );
+        let sent_by = transports
+            .local_addr(Transport::Udp)
+            .or_else(|| transports.local_addr(Transport::Tcp))
+            .or_else(|| transports.local_addr(Transport::Tls))
+            .ok_or_else(|| anyhow!("no SIP listener"))?;
+        let b2b_rng = SystemRandom::new();
+        let b2bua = B2bua::new(
+            B2buaConfig::new(
+                cfg.node.id.clone(),
+                cfg.auth.realm.clone(),
+                format!("sip:{}@{sent_by}", cfg.node.id),
+                sent_by.to_string(),
+            ),
+            Box::new(move || {
+                let mut b = [0u8; 8];
+                let _ = b2b_rng.fill(&mut b);
+                b
+            }),
+        );
         let (stop, stop_rx) = watch::channel(false);
         let core = Core {
             endpoint,
             registrar,
+            b2bua,
+            next_id: 1,
             store: MemStore::default(),
             rng,
             pending: HashMap::new(),
@@ -233,6 +273,10 @@ fn load_or_create_secret(path: &Path, rng: &SystemRandom) -> Result<Vec<u8>> {
 struct Core {
     endpoint: Endpoint,
     registrar: Registrar,
+    b2bua: B2bua,
+    /// Node-wide proposal ids: every entry is numbered here, whichever core
+    /// made it, so the state applies them in order.
+    next_id: u64,
     store: MemStore,
     rng: SystemRandom,
     /// Requests waiting for their proposal to commit.
@@ -245,11 +289,22 @@ impl Core {
     async fn run(mut self, mut events: mpsc::Receiver<Event>, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
+            let deadline = self.b2bua.poll_timeout();
+            let b2b_timer = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 ev = events.recv() => match ev {
                     Some(ev) => self.event(ev).await,
                     None => break,
                 },
+                () = b2b_timer => {
+                    self.b2bua.handle_timeout(now());
+                    self.drain_b2bua().await;
+                }
                 _ = tick.tick() => self.housekeeping(),
                 _ = stop.changed() => break,
             }
@@ -279,9 +334,30 @@ impl Core {
     }
 
     async fn event(&mut self, ev: Event) {
-        let Event::Request { key, flow, msg } = ev else {
-            return;
+        let input = match ev {
+            Event::Request { key, flow, msg } => return self.request(key, flow, msg).await,
+            Event::Response { key, msg, .. } => b2bua::Input::Response { key, msg },
+            Event::StrayResponse { msg, .. } => match TxnKey::client(&msg) {
+                Ok(key) => b2bua::Input::Response { key, msg },
+                Err(_) => return,
+            },
+            Event::Timeout { key, .. } | Event::TransportError { key } => {
+                b2bua::Input::Timeout { key }
+            }
+            Event::Cancelled { invite, .. } => b2bua::Input::Cancelled { invite },
+            Event::Ack { msg, .. } => b2bua::Input::Ack { msg },
         };
+        self.to_b2bua(input).await;
+    }
+
+    async fn to_b2bua(&mut self, input: b2bua::Input) {
+        if let Err(e) = self.b2bua.handle(now(), input, self.store.state()) {
+            tracing::debug!(error = %e, "B2BUA refused an input");
+        }
+        self.drain_b2bua().await;
+    }
+
+    async fn request(&mut self, key: TxnKey, flow: Flow, msg: Message) {
         let Some(method) = msg.method() else {
             return;
         };
@@ -296,9 +372,10 @@ impl Core {
             self.respond(key, &msg, resp).await;
             return;
         }
+        let in_dialog = msg.to().is_ok_and(|t| t.tag().is_some());
         match method {
             Method::Register => self.register(key, flow, msg).await,
-            Method::Options => {
+            Method::Options if !in_dialog => {
                 let tag = hex::encode(self.random());
                 let allow: Vec<&str> = METHODS.iter().map(Method::as_str).collect();
                 let resp = msg
@@ -308,12 +385,67 @@ impl Core {
                     .with(HeaderName::Supported, "path, outbound")
                     .with_named(
                         "X-Sipzone-Load",
-                        &format!("registrations={}", self.store.state().binding_count()),
+                        &format!(
+                            "calls={};registrations={}",
+                            self.b2bua.call_count(),
+                            self.store.state().binding_count()
+                        ),
                     );
                 self.respond(key, &msg, resp).await;
             }
-            _ => {}
+            _ => {
+                self.to_b2bua(b2bua::Input::Request { key, flow, msg })
+                    .await
+            }
         }
+    }
+
+    /// Performs what the B2BUA asked for.
+    async fn drain_b2bua(&mut self) {
+        while let Some(out) = self.b2bua.poll_output() {
+            match out {
+                b2bua::Output::SendRequest { target, msg } => {
+                    let Some(flow) = resolve(&target, &msg) else {
+                        tracing::warn!(?target, "no route to a call target");
+                        continue;
+                    };
+                    if let Err(e) = self.endpoint.send_request(flow, msg).await {
+                        tracing::debug!(error = %e, "B2BUA request not sent");
+                    }
+                }
+                b2bua::Output::SendResponse { key, msg } => {
+                    if let Err(e) = self.endpoint.send_response(key, msg).await {
+                        tracing::debug!(error = %e, "B2BUA response not sent");
+                    }
+                }
+                b2bua::Output::SendAck { target, msg } => {
+                    if let Some(flow) = resolve(&target, &msg)
+                        && let Err(e) = self.endpoint.transports().send(&flow, &msg).await
+                    {
+                        tracing::debug!(error = %e, "ACK not sent");
+                    }
+                }
+                b2bua::Output::Cancel { key } => {
+                    if let Err(e) = self.endpoint.cancel(key).await {
+                        tracing::debug!(error = %e, "CANCEL not sent");
+                    }
+                }
+                b2bua::Output::Propose(entry) => {
+                    self.propose(entry);
+                }
+            }
+        }
+        metrics::gauge!(m::ACTIVE_CALLS).set(self.store.state().call_count() as f64);
+    }
+
+    /// Numbers `entry` from the node-wide counter and hands it to the store;
+    /// returns its id.
+    fn propose(&mut self, mut entry: crate::state::Entry) -> ProposalId {
+        entry.id = ProposalId(self.next_id);
+        self.next_id += 1;
+        let id = entry.id;
+        self.store.propose(entry);
+        id
     }
 
     async fn register(&mut self, key: TxnKey, flow: Flow, msg: Message) {
@@ -331,8 +463,8 @@ impl Core {
         match outcome {
             Outcome::Respond(resp) => self.respond(key, &msg, resp).await,
             Outcome::Propose { entry, pending } => {
-                self.pending.insert(entry.id, (key, pending));
-                self.store.propose(entry);
+                let id = self.propose(entry);
+                self.pending.insert(id, (key, pending));
                 for id in self.store.take_committed() {
                     if let Some((key, pending)) = self.pending.remove(&id) {
                         let resp = self.registrar.committed(pending, self.store.state());
@@ -354,4 +486,48 @@ impl Core {
         }
         self.reported = (f, l);
     }
+}
+
+/// The flow a B2BUA target resolves to: the top Route (a Path entry) if the
+/// message has one, else the Request-URI's host and port, or the address the
+/// binding registered from when the Contact names another host (NAT).
+fn resolve(target: &Target, msg: &Message) -> Option<Flow> {
+    if let Target::Peer { flow } = target {
+        return Some(*flow);
+    }
+    let transport = target.transport();
+    if let Some(route) = msg.values(HeaderName::Route).next() {
+        let inner = route.trim_start_matches('<');
+        let inner = inner.split('>').next().unwrap_or(inner);
+        return uri_flow(inner, transport);
+    }
+    let by_contact = msg.request_uri_str().and_then(|u| uri_flow(u, transport));
+    // The address the REGISTER came from is used when the Contact names
+    // another host (a phone behind NAT writes its private address); a
+    // Contact on the same host is taken as written, port included (a
+    // third-party registration for another process on that host).
+    if let Target::Binding {
+        received: Some(r), ..
+    } = target
+        && let Some((t, addr)) = r.split_once(':')
+        && let (Some(t), Ok(addr)) = (Transport::from_token(t), addr.parse::<SocketAddr>())
+        && by_contact.is_none_or(|c| c.remote.ip() != addr.ip())
+    {
+        return Some(Flow::to(t, addr));
+    }
+    by_contact
+}
+
+/// A flow to the host and port of a SIP URI with a literal IP address.
+fn uri_flow(uri: &str, transport: Transport) -> Option<Flow> {
+    let Ok(Uri::Sip(u)) = Uri::parse(uri) else {
+        return None;
+    };
+    let ip = u.host.ip()?;
+    let t = u
+        .transport()
+        .and_then(Transport::from_token)
+        .unwrap_or(transport);
+    let port = u.port.unwrap_or(t.default_port());
+    Some(Flow::to(t, SocketAddr::new(ip, port)))
 }

@@ -271,3 +271,71 @@ fn bad_input_gets_4xx_or_is_dropped_and_the_node_keeps_serving() {
         String::from_utf8_lossy(&buf[..n])
     );
 }
+
+/// A SIPp UAS registered (by the test UA, as a third party) as user 1001
+/// receives 1,000 calls that a SIPp UAC places through the node's B2BUA.
+#[test]
+fn sipp_uac_calls_registered_sipp_uas_1000_times_through_the_b2bua() {
+    let node = start_node("calls-1000");
+    let uas_port = free_port();
+    let uas = Sipp::builtin("uas", &node.dir, "uas")
+        .unwrap()
+        .local(addr(uas_port))
+        .calls(1000)
+        .arg("-timeout")
+        .arg("120s")
+        .arg("-timeout_error");
+    let mut uas_proc = uas.spawn().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ua = ua().await;
+        let contact = format!("<sip:1001@{}>", addr(uas_port));
+        let flow = Flow::to(Transport::Udp, node.sip);
+        let r = ua
+            .register_contact(flow, REALM, "1001", "pw1001", 3600, &contact)
+            .await
+            .unwrap();
+        assert_eq!(r.status(), Some(200), "{r}");
+    });
+    let uac = Sipp::builtin("uac", &node.dir, "uac")
+        .unwrap()
+        .local(addr(free_port()))
+        .calls(1000)
+        .arg("-s")
+        .arg("1001")
+        .arg("-r")
+        .arg(100)
+        .arg("-d")
+        .arg(100)
+        .arg("-timeout")
+        .arg("120s")
+        .arg("-timeout_error")
+        .remote(node.sip);
+    let (code, stats) = uac.run(Duration::from_secs(180)).unwrap();
+    let uas_status = uas_proc.wait_timeout(Duration::from_secs(30)).unwrap();
+    let uas_stats = uas.stats().unwrap();
+    println!("calls-1000: uac exit {code} {stats:?}; uas {uas_status} {uas_stats:?}");
+    assert_eq!(
+        (code, stats.successful, stats.failed),
+        (0, 1000, 0),
+        "uac log: {}\nnode log: {}",
+        std::fs::read_to_string(uac.log_path()).unwrap_or_default(),
+        log(&node.dir)
+    );
+    assert_eq!((uas_stats.successful, uas_stats.failed), (1000, 0));
+}
+
+#[test]
+fn a_call_to_an_unregistered_user_gets_480() {
+    let node = start_node("unregistered");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ua = ua().await;
+        let flow = Flow::to(Transport::Udp, node.sip);
+        let r = ua
+            .call(&format!("sip:1999@{REALM}"), flow, Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(r.invite_status, 480);
+    });
+}
