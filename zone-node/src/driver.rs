@@ -347,10 +347,10 @@ impl Core {
             Event::Cancelled { invite, .. } => b2bua::Input::Cancelled { invite },
             Event::Ack { msg, .. } => b2bua::Input::Ack { msg },
         };
-        self.to_b2bua(input).await;
+        self.feed_b2bua(input).await;
     }
 
-    async fn to_b2bua(&mut self, input: b2bua::Input) {
+    async fn feed_b2bua(&mut self, input: b2bua::Input) {
         if let Err(e) = self.b2bua.handle(now(), input, self.store.state()) {
             tracing::debug!(error = %e, "B2BUA refused an input");
         }
@@ -394,7 +394,7 @@ impl Core {
                 self.respond(key, &msg, resp).await;
             }
             _ => {
-                self.to_b2bua(b2bua::Input::Request { key, flow, msg })
+                self.feed_b2bua(b2bua::Input::Request { key, flow, msg })
                     .await
             }
         }
