@@ -648,3 +648,28 @@ async fn bind_validates_the_configuration() {
         .unwrap_err();
     assert!(matches!(err, TransportError::NoSocket(_)));
 }
+
+/// A request that arrives over UDP with a Via naming TLS (RFC 4475 bext01)
+/// is answered over UDP at the received address and the sent-by port, not
+/// by opening a connection the datagram asked for.
+#[tokio::test]
+async fn udp_request_with_a_stream_via_is_answered_over_udp() {
+    let (t, mut rx) = bind(config()).await;
+    let server = t.local_addr(Transport::Udp).unwrap();
+    let client = UdpSocket::bind(LOOPBACK).await.unwrap();
+    let me = client.local_addr().unwrap();
+    let via = format!(
+        "SIP/2.0/TLS fold-and-staple.example.com:{};branch=z9hG4bK-tls1",
+        me.port()
+    );
+    client
+        .send_to(request("OPTIONS", &via, "tls-via").as_bytes(), server)
+        .await
+        .unwrap();
+    let inc = next(&mut rx).await;
+    let resp = inc.msg.response(420, "Bad Extension", Some("b1"));
+    let used = t.send_response(&inc.flow, &resp).await.unwrap();
+    assert_eq!((used.transport, used.remote), (Transport::Udp, me));
+    let (got, _) = recv_udp(&client).await;
+    assert_eq!(got.status(), Some(420));
+}

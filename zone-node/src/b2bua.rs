@@ -739,23 +739,36 @@ impl B2bua {
             self.respond(key, r);
             return Ok(());
         };
-        let (a_dialog, from) = match (
-            Dialog::uas(&msg, &a_tag),
-            msg.header(HeaderName::From).and_then(addr_without_params),
-        ) {
-            (Ok(d), Some(f)) => (d, f),
-            _ => {
-                let r = reject(400, "Bad Request");
-                self.respond(key, r);
-                return Ok(());
-            }
-        };
         let bindings = state.bindings(&aor, now.unix_secs());
         if bindings.is_empty() {
             let r = reject(480, "Temporarily Unavailable");
             self.respond(key, r);
             return Ok(());
         }
+        // An RFC 2543 caller may send no Contact: its From address is then
+        // where requests of the dialog go (RFC 4475 §3.4.1 asks to accept it).
+        let a_dialog = match Dialog::uas(&msg, &a_tag) {
+            Err(sip::dialog::DialogError::NoContact) => msg.from().ok().and_then(|f| {
+                let mut m = msg.clone();
+                m.push(Header::new(
+                    HeaderName::Contact,
+                    &format!("<{}>", f.uri_raw),
+                ));
+                Dialog::uas(&m, &a_tag).ok()
+            }),
+            other => other.ok(),
+        };
+        let (a_dialog, from) = match (
+            a_dialog,
+            msg.header(HeaderName::From).and_then(addr_without_params),
+        ) {
+            (Some(d), Some(f)) => (d, f),
+            _ => {
+                let r = reject(400, "Bad Request");
+                self.respond(key, r);
+                return Ok(());
+            }
+        };
         let caller = msg
             .from()
             .map(|f| f.uri_raw.to_string())
@@ -1783,9 +1796,12 @@ Content-Length: {}
         no_user.set_request_uri("sip:10.0.0.1:5060");
         assert_eq!(responses(&t.request(0, no_user))[0].status(), Some(404));
 
+        // RFC 2543 style, no Contact: the call goes ahead (From is the target)
         let mut no_contact = invite_a();
         no_contact.remove(HeaderName::Contact);
-        assert_eq!(responses(&t.request(0, no_contact))[0].status(), Some(400));
+        let out = t.request(0, no_contact);
+        assert!(responses(&out).iter().all(|r| r.status() != Some(400)));
+        assert!(out.iter().any(|o| matches!(o, Output::SendRequest { .. })));
 
         let mut t = T::new(State::new());
         let out = t.request(0, invite_a());

@@ -1056,19 +1056,39 @@ pub fn error_response(input: &[u8], err: &ParseError) -> Option<Message> {
     let mut has_via = false;
     for (name, value) in header_lines(&head) {
         let hn = HeaderName::from_wire(name);
-        if matches!(
-            hn,
-            HeaderName::Via
-                | HeaderName::From
-                | HeaderName::To
-                | HeaderName::CallId
-                | HeaderName::CSeq
-        ) {
-            has_via |= hn == HeaderName::Via;
-            resp.headers.push(Header::new(hn, &value));
+        match hn {
+            HeaderName::Via => {
+                has_via = true;
+                resp.headers.push(Header::new(hn, &value));
+            }
+            // Only the first of the headers that may appear once (RFC 4475
+            // multi01 repeats them): one dialog, one transaction.
+            HeaderName::From | HeaderName::CallId | HeaderName::CSeq
+                if resp.header(hn).is_none() =>
+            {
+                resp.headers.push(Header::new(hn, &value));
+            }
+            HeaderName::To if resp.header(hn).is_none() => {
+                // RFC 3261 §8.2.6.2: a To tag on every final response. It is
+                // derived from the request so a retransmission gets the same.
+                let value = if value.to_ascii_lowercase().contains(";tag=") {
+                    value
+                } else {
+                    format!("{value};tag={:016x}", fnv1a(input))
+                };
+                resp.headers.push(Header::new(hn, &value));
+            }
+            _ => {}
         }
     }
     has_via.then_some(resp)
+}
+
+/// FNV-1a, 64 bit: a stable fingerprint (not a secret).
+fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]
@@ -1207,6 +1227,27 @@ v=0\r\n";
         let r = error_response(bad.as_bytes(), &err).unwrap();
         assert_eq!(r.status(), Some(400));
         assert!(r.top_via().is_ok());
+        let tag = r.to().unwrap().tag().unwrap().to_string();
+        assert_eq!(
+            error_response(bad.as_bytes(), &err)
+                .unwrap()
+                .to()
+                .unwrap()
+                .tag(),
+            Some(tag.as_str()),
+            "a retransmission gets the same tag"
+        );
+        // repeated single headers: only the first of each is echoed
+        let multi = bad.replace("Call-ID: a84b", "Call-ID: other\r\nCall-ID: a84b");
+        let r = error_response(multi.as_bytes(), &err).unwrap();
+        assert_eq!(
+            r.headers()
+                .iter()
+                .filter(|h| h.name() == HeaderName::CallId)
+                .count(),
+            1
+        );
+        assert_eq!(r.call_id(), Some("other"));
         let v = INVITE.replace("SIP/2.0\r\nVia", "SIP/7.0\r\nVia");
         let err = parse(&v).unwrap_err();
         assert_eq!(err.status().0, 505);

@@ -561,6 +561,18 @@ impl Transports {
             return self.send_inner(&flow, resp, None).await;
         }
         let mut target = response_target(resp)?;
+        if target.transport != Transport::Udp {
+            // The Via names a stream transport but the request came over
+            // UDP: answer over UDP (never open a connection a datagram asked
+            // for), to the received address and the rport, else the sent-by
+            // port, else 5060 (RFC 3261 §18.2.2 for unreliable transports).
+            let via = resp.top_via().map_err(TransportError::Via)?;
+            let port = match via.rport() {
+                Some(Some(p)) => p,
+                _ => via.port.unwrap_or(5060),
+            };
+            target = Flow::to(Transport::Udp, SocketAddr::new(target.remote.ip(), port));
+        }
         target.local = incoming.local;
         self.send_inner(&target, resp, None).await
     }
