@@ -318,6 +318,7 @@ impl<'a> NameAddr<'a> {
             };
             let uri = Uri::parse(uri_raw)?;
             let params = Params::parse_header_params(params).map_err(|_| HeaderError::Syntax)?;
+            check_tag(&params)?;
             return Ok(NameAddr {
                 display,
                 uri,
@@ -340,6 +341,7 @@ impl<'a> NameAddr<'a> {
         }
         let uri = Uri::parse(uri_raw)?;
         let params = Params::parse_header_params(params).map_err(|_| HeaderError::Syntax)?;
+        check_tag(&params)?;
         Ok(NameAddr {
             display,
             uri,
@@ -352,6 +354,15 @@ impl<'a> NameAddr<'a> {
     /// The `tag` parameter.
     pub fn tag(&self) -> Option<&'a str> {
         self.params.get("tag").flatten()
+    }
+}
+
+/// `tag-param = "tag" EQUAL token` (RFC 3261 §25.1): a tag without a value
+/// is malformed (it would read as "no tag", and a response would add a second).
+fn check_tag(params: &Params<'_>) -> Result<(), HeaderError> {
+    match params.get("tag") {
+        Some(None) => Err(HeaderError::Syntax),
+        _ => Ok(()),
     }
 }
 
@@ -501,6 +512,9 @@ mod tests {
         assert!(NameAddr::parse("<sip:a@b>;").is_err());
         assert!(NameAddr::parse("<sip:a@b>;tag=1;").is_err());
         assert!(Via::parse("SIP/2.0/UDP h;").is_err());
+        // a tag without a value (fuzz find: the response got a second tag)
+        assert!(NameAddr::parse("sip:user@example.net;tag;x=1").is_err());
+        assert!(NameAddr::parse("<sip:user@example.net>;tag").is_err());
     }
 
     #[test]
