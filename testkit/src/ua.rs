@@ -219,6 +219,42 @@ impl Ua {
         })
     }
 
+    /// Sends an INVITE to `target`, CANCELs it once a provisional response
+    /// other than 100 arrives (RFC 3261 §9.1), and returns the INVITE's final
+    /// status (487 when the CANCEL won).
+    pub async fn call_and_cancel(&self, target: &str, next_hop: Flow) -> Result<u16> {
+        let inner = &self.inner;
+        let call_id = format!("{}@testkit", inner.token());
+        let from_tag = inner.token();
+        let invite = inner
+            .base_request(Method::Invite, target, next_hop, &call_id, &from_tag, 1)
+            .with(HeaderName::Contact, &inner.contact(next_hop))
+            .with_body("application/sdp", sdp(next_hop));
+        let (key, mut rx) = inner.start_client(next_hop, invite).await?;
+        let mut cancelled = false;
+        let status = loop {
+            match rx.recv().await.context("endpoint stopped")? {
+                Event::Response { msg, .. } => match msg.status() {
+                    Some(s) if s > 100 && s < 200 && !cancelled => {
+                        inner
+                            .endpoint
+                            .cancel(key.clone())
+                            .await
+                            .map_err(|e| anyhow!("CANCEL: {e}"))?;
+                        cancelled = true;
+                    }
+                    Some(s) if s >= 200 => break s,
+                    _ => {}
+                },
+                Event::Timeout { timer, .. } => bail!("INVITE timed out (timer {timer:?})"),
+                Event::TransportError { .. } => bail!("transport error on INVITE"),
+                _ => {}
+            }
+        };
+        inner.forget(&key);
+        Ok(status)
+    }
+
     /// Sends a non-INVITE request on a client transaction and returns the
     /// final response.
     pub async fn request(&self, next_hop: Flow, msg: Message) -> Result<Message> {

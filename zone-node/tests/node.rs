@@ -339,3 +339,36 @@ fn a_call_to_an_unregistered_user_gets_480() {
         assert_eq!(r.invite_status, 480);
     });
 }
+
+/// The caller CANCELs while the callee rings: 487 to the caller, and the
+/// ringing callee's INVITE is cancelled too.
+#[test]
+fn cancel_before_answer_gives_487() {
+    let node = start_node("cancel");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let flow = Flow::to(Transport::Udp, node.sip);
+        // the callee rings for a long time and never answers in this test
+        let callee = Ua::start(UaConfig {
+            transport: sip::transport::TransportConfig {
+                udp: vec![addr(0)],
+                ..Default::default()
+            },
+            answer: testkit::ua::Answer::Accept {
+                ring: Duration::from_secs(3600),
+            },
+            user: "1002".into(),
+            ..UaConfig::default()
+        })
+        .await
+        .unwrap();
+        let r = callee.register(flow, REALM, "1002", "pw1002", 600).await.unwrap();
+        assert_eq!(r.status(), Some(200), "{r}");
+        let caller = ua().await;
+        let status = caller
+            .call_and_cancel(&format!("sip:1002@{REALM}"), flow)
+            .await
+            .unwrap();
+        assert_eq!(status, 487);
+    });
+}
