@@ -12,13 +12,14 @@
 //! talks to 127.0.0.1 only.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use sip::flow::{Flow, Transport};
 use sip::msg::Method;
+use testkit::net::{addr, free_port};
 use testkit::pki::Ca;
 use testkit::proc::Proc;
 use testkit::sipp::{Sipp, SippTransport};
@@ -35,22 +36,6 @@ fn work_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-/// A port free on 127.0.0.1 for both UDP and TCP, from the ephemeral range.
-fn free_port() -> u16 {
-    for _ in 0..100 {
-        let t = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = t.local_addr().unwrap().port();
-        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port");
-}
-
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 /// Waits (bounded) until something accepts TCP connections on `a`.

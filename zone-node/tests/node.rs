@@ -4,33 +4,19 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use sip::flow::{Flow, Transport};
 use sip::msg::Method;
+use testkit::net::{addr, free_port};
 use testkit::proc::Proc;
 use testkit::sipp::Sipp;
 use testkit::ua::{Ua, UaConfig};
 
 const REALM: &str = "sipzone.local";
-
-fn free_port() -> u16 {
-    for _ in 0..100 {
-        let t = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = t.local_addr().unwrap().port();
-        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port");
-}
-
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
 
 struct Node {
     _proc: Proc,
@@ -362,7 +348,10 @@ fn cancel_before_answer_gives_487() {
         })
         .await
         .unwrap();
-        let r = callee.register(flow, REALM, "1002", "pw1002", 600).await.unwrap();
+        let r = callee
+            .register(flow, REALM, "1002", "pw1002", 600)
+            .await
+            .unwrap();
         assert_eq!(r.status(), Some(200), "{r}");
         let caller = ua().await;
         let status = caller
