@@ -100,6 +100,23 @@ pub struct SipConfig {
     /// Most TCP/TLS connections.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Most live SIP transactions; beyond it new requests get 503 with
+    /// Retry-After. A completed UDP transaction lives 32 s (Timer J/H), so
+    /// this bounds the sustained rate to about max / 32 s per transaction.
+    #[serde(default = "default_max_transactions")]
+    pub max_transactions: usize,
+    /// SO_RCVBUF of the UDP sockets in bytes (the kernel caps it at
+    /// net.core.rmem_max); none keeps the system default.
+    #[serde(default = "default_udp_recv_buffer")]
+    pub udp_recv_buffer: Option<usize>,
+}
+
+fn default_max_transactions() -> usize {
+    500_000
+}
+
+fn default_udp_recv_buffer() -> Option<usize> {
+    Some(4 << 20)
 }
 
 fn default_max_message() -> usize {
@@ -313,6 +330,9 @@ impl Config {
         }
         if self.sip.max_connections == 0 {
             return bad("sip.max_connections must be at least 1");
+        }
+        if self.sip.max_transactions < 64 {
+            return bad("sip.max_transactions must be at least 64");
         }
         let r = &self.registrar;
         if r.min_expires == 0 || r.min_expires > r.max_expires {

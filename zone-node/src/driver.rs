@@ -122,6 +122,7 @@ impl Node {
                 ..Limits::default()
             },
             max_connections: cfg.sip.max_connections,
+            udp_recv_buffer: cfg.sip.udp_recv_buffer,
             ..TransportConfig::default()
         };
         if !cfg.sip.tls.is_empty() {
@@ -159,6 +160,7 @@ impl Node {
             incoming,
             TxnConfig {
                 tag_seed: u64::from_le_bytes(seed),
+                max_transactions: cfg.sip.max_transactions,
                 ..TxnConfig::default()
             },
             8192,

@@ -21,7 +21,21 @@ const REALM: &str = "sipzone.local";
 struct Node {
     _proc: Proc,
     sip: SocketAddr,
+    metrics: SocketAddr,
     dir: PathBuf,
+}
+
+/// The value of the first sample of `name` on the node's `/metrics`.
+fn metric(node: &Node, name: &str) -> Option<f64> {
+    let mut s = TcpStream::connect(node.metrics).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.lines()
+        .find(|l| l.starts_with(name) && !l.starts_with('#'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
 
 /// Starts a node with the local-testing users on free ports and waits until
@@ -71,6 +85,7 @@ password_prefix = "pw"
     let node = Node {
         _proc: p,
         sip: addr(sip),
+        metrics: addr(metrics),
         dir,
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -245,7 +260,7 @@ fn bad_input_gets_4xx_or_is_dropped_and_the_node_keeps_serving() {
         "{}",
         String::from_utf8_lossy(&resp)
     );
-    // the node still answers
+    // the node still answers, and the garbage was counted as dropped
     let ok = format!(
         "OPTIONS sip:{REALM} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bKok1\r\nMax-Forwards: 70\r\nFrom: <sip:a@{REALM}>;tag=1\r\nTo: <sip:{REALM}>\r\nCall-ID: ok1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
     );
@@ -256,6 +271,9 @@ fn bad_input_gets_4xx_or_is_dropped_and_the_node_keeps_serving() {
         "{}",
         String::from_utf8_lossy(&buf[..n])
     );
+    // the garbage datagram was read before this OPTIONS on the same socket
+    let dropped = metric(&node, "sip_transport_dropped_total").unwrap_or(0.0);
+    assert!(dropped >= 1.0, "garbage not counted: {dropped}");
 }
 
 /// A SIPp UAS registered (by the test UA, as a third party) as user 1001
