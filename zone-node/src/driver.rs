@@ -326,8 +326,10 @@ impl Core {
         metrics::gauge!(m::REGISTRATIONS).set(self.store.state().binding_count() as f64);
     }
 
-    async fn respond(&self, key: TxnKey, req: &Message, resp: Message) {
-        let method = req.method().map(|m| m.to_string()).unwrap_or_default();
+    /// Sends a response on server transaction `key`, counting it by method
+    /// (from its CSeq) and code, whichever core made it.
+    async fn respond(&self, key: TxnKey, resp: Message) {
+        let method = resp.method().map(|m| m.to_string()).unwrap_or_default();
         let code = resp.status().unwrap_or(0).to_string();
         metrics::counter!(m::RESPONSES, "method" => method, "code" => code).increment(1);
         if let Err(e) = self.endpoint.send_response(key, resp).await {
@@ -371,7 +373,7 @@ impl Core {
         if let Err(r) = check_request(&msg, &caps) {
             let tag = hex::encode(self.random());
             let resp = r.response_to(&msg, Some(&tag));
-            self.respond(key, &msg, resp).await;
+            self.respond(key, resp).await;
             return;
         }
         let in_dialog = msg.to().is_ok_and(|t| t.tag().is_some());
@@ -393,7 +395,7 @@ impl Core {
                             self.store.state().binding_count()
                         ),
                     );
-                self.respond(key, &msg, resp).await;
+                self.respond(key, resp).await;
             }
             _ => {
                 self.feed_b2bua(b2bua::Input::Request { key, flow, msg })
@@ -415,11 +417,7 @@ impl Core {
                         tracing::debug!(error = %e, "B2BUA request not sent");
                     }
                 }
-                b2bua::Output::SendResponse { key, msg } => {
-                    if let Err(e) = self.endpoint.send_response(key, msg).await {
-                        tracing::debug!(error = %e, "B2BUA response not sent");
-                    }
-                }
+                b2bua::Output::SendResponse { key, msg } => self.respond(key, msg).await,
                 b2bua::Output::SendAck { target, msg } => {
                     if let Some(flow) = resolve(&target, &msg)
                         && let Err(e) = self.endpoint.transports().send(&flow, &msg).await
@@ -463,14 +461,14 @@ impl Core {
         );
         self.report_registrar_stats();
         match outcome {
-            Outcome::Respond(resp) => self.respond(key, &msg, resp).await,
+            Outcome::Respond(resp) => self.respond(key, resp).await,
             Outcome::Propose { entry, pending } => {
                 let id = self.propose(entry);
                 self.pending.insert(id, (key, pending));
                 for id in self.store.take_committed() {
                     if let Some((key, pending)) = self.pending.remove(&id) {
                         let resp = self.registrar.committed(pending, self.store.state());
-                        self.respond(key, &msg, resp).await;
+                        self.respond(key, resp).await;
                     }
                 }
             }

@@ -327,6 +327,12 @@ fn sipp_uac_calls_registered_sipp_uas_1000_times_through_the_b2bua() {
         log(&node.dir)
     );
     assert_eq!((uas_stats.successful, uas_stats.failed), (1000, 0));
+    // the B2BUA's responses are counted like the registrar's
+    let ok = metric(
+        &node,
+        r#"sipzone_node_responses_total{method="INVITE",code="200"}"#,
+    );
+    assert_eq!(ok, Some(1000.0));
 }
 
 #[test]
