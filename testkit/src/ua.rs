@@ -61,6 +61,8 @@ pub struct UaConfig {
     pub answer: Answer,
     /// Transaction layer settings.
     pub txn: Config,
+    /// User name and password to answer 401/407 challenges to INVITEs with.
+    pub credentials: Option<(String, String)>,
 }
 
 impl Default for UaConfig {
@@ -72,6 +74,7 @@ impl Default for UaConfig {
                 ring: Duration::ZERO,
             },
             txn: Config::default(),
+            credentials: None,
         }
     }
 }
@@ -95,6 +98,7 @@ struct Inner {
     transports: Transports,
     user: String,
     answer: Answer,
+    credentials: Option<(String, String)>,
     t1: Duration,
     t2: Duration,
     rng: SystemRandom,
@@ -134,6 +138,7 @@ impl Ua {
             transports,
             user: cfg.user,
             answer: cfg.answer,
+            credentials: cfg.credentials,
             t1: txn.timers.t1,
             t2: txn.timers.t2,
             rng,
@@ -177,13 +182,21 @@ impl Ua {
             .base_request(Method::Invite, target, next_hop, &call_id, &from_tag, 1)
             .with(HeaderName::Contact, &inner.contact(next_hop))
             .with_body("application/sdp", sdp(next_hop));
-        let (key, mut rx) = inner.start_client(next_hop, invite.clone()).await?;
+        let (mut key, mut rx) = inner.start_client(next_hop, invite.clone()).await?;
+        let mut invite = invite;
+        let mut answered_challenge = false;
         let ok = loop {
             let ev = rx.recv().await.context("endpoint stopped")?;
             match ev {
                 Event::Response { msg, .. } => match msg.status() {
                     Some(s) if s < 200 => continue,
                     Some(s) if s < 300 => break msg,
+                    Some(401 | 407) if !answered_challenge && inner.credentials.is_some() => {
+                        answered_challenge = true;
+                        inner.forget(&key);
+                        invite = inner.with_credentials(&invite, &msg, next_hop)?;
+                        (key, rx) = inner.start_client(next_hop, invite.clone()).await?;
+                    }
                     Some(s) => {
                         inner.forget(&key);
                         return Ok(CallReport {
@@ -199,7 +212,7 @@ impl Ua {
             }
         };
         let mut dialog = Dialog::uac(&invite, &ok).context("2xx creates no dialog")?;
-        let ack = dialog.ack(1, &inner.via(next_hop));
+        let ack = dialog.ack(dialog.local_seq, &inner.via(next_hop));
         lock(&inner.acks).insert(call_id.clone(), (next_hop, ack.clone()));
         inner
             .transports
@@ -230,11 +243,18 @@ impl Ua {
             .base_request(Method::Invite, target, next_hop, &call_id, &from_tag, 1)
             .with(HeaderName::Contact, &inner.contact(next_hop))
             .with_body("application/sdp", sdp(next_hop));
-        let (key, mut rx) = inner.start_client(next_hop, invite).await?;
+        let (mut key, mut rx) = inner.start_client(next_hop, invite.clone()).await?;
         let mut cancelled = false;
+        let mut answered_challenge = false;
         let status = loop {
             match rx.recv().await.context("endpoint stopped")? {
                 Event::Response { msg, .. } => match msg.status() {
+                    Some(401 | 407) if !answered_challenge && inner.credentials.is_some() => {
+                        answered_challenge = true;
+                        inner.forget(&key);
+                        let again = inner.with_credentials(&invite, &msg, next_hop)?;
+                        (key, rx) = inner.start_client(next_hop, again).await?;
+                    }
                     Some(s) if s > 100 && s < 200 && !cancelled => {
                         inner
                             .endpoint
@@ -420,6 +440,40 @@ impl Inner {
             .with(HeaderName::CallId, call_id)
             .with(HeaderName::CSeq, &format!("{seq} {method}"))
             .with(HeaderName::UserAgent, "sipzone-testkit")
+    }
+
+    /// `invite` again, answering the 401/407 `challenge` with the UA's
+    /// credentials: next CSeq, new branch (RFC 3261 §22.2).
+    fn with_credentials(
+        &self,
+        invite: &Message,
+        challenge: &Message,
+        flow: Flow,
+    ) -> Result<Message> {
+        let Some((user, password)) = &self.credentials else {
+            bail!("challenged without credentials");
+        };
+        let (ch_name, auth_name) = if challenge.status() == Some(407) {
+            (
+                HeaderName::ProxyAuthenticate,
+                HeaderName::ProxyAuthorization,
+            )
+        } else {
+            (HeaderName::WwwAuthenticate, HeaderName::Authorization)
+        };
+        let ch = challenge
+            .header(ch_name)
+            .context("challenge without a header")?;
+        let ch = Challenge::parse(ch).map_err(|e| anyhow!("bad challenge: {e}"))?;
+        let uri = invite.request_uri_str().context("no Request-URI")?;
+        let value = respond(&ch, "INVITE", uri, user, password, &self.token(), 1)
+            .map_err(|e| anyhow!("cannot answer the challenge: {e}"))?;
+        let seq = invite.cseq().map_err(|e| anyhow!("{e}"))?.seq + 1;
+        let mut again = invite.clone();
+        again.set(HeaderName::Via, &self.via(flow));
+        again.set(HeaderName::CSeq, &format!("{seq} INVITE"));
+        again.push(Header::new(auth_name, &value));
+        Ok(again)
     }
 
     async fn start_client(

@@ -183,6 +183,11 @@ pub struct AuthConfig {
     /// read the first challenge and know only MD5.
     #[serde(default = "default_algorithms")]
     pub algorithms: Vec<String>,
+    /// Let initial INVITEs through without digest authentication of the
+    /// caller. Unsafe anywhere but a bench: anyone who reaches the node can
+    /// call its users.
+    #[serde(default)]
+    pub danger_unauthenticated_calls: bool,
     /// Failed authentications (per user, and per source address) before lockout.
     #[serde(default = "default_max_failures")]
     pub lockout_max_failures: u32,

@@ -217,6 +217,7 @@ impl Node {
             endpoint,
             registrar,
             b2bua,
+            authenticate_calls: !cfg.auth.danger_unauthenticated_calls,
             next_id: 1,
             store: MemStore::default(),
             rng,
@@ -276,6 +277,8 @@ struct Core {
     endpoint: Endpoint,
     registrar: Registrar,
     b2bua: B2bua,
+    /// Initial INVITEs must carry the caller's digest credentials.
+    authenticate_calls: bool,
     /// Node-wide proposal ids: every entry is numbered here, whichever core
     /// made it, so the state applies them in order.
     next_id: u64,
@@ -396,6 +399,25 @@ impl Core {
                         ),
                     );
                 self.respond(key, resp).await;
+            }
+            Method::Invite if !in_dialog && self.authenticate_calls => {
+                let random = self.random();
+                let checked = self.registrar.authenticate_caller(
+                    unix_now(),
+                    random,
+                    flow.remote,
+                    flow.transport.via_token(),
+                    &msg,
+                    self.store.state(),
+                );
+                self.report_registrar_stats();
+                match checked {
+                    Ok(()) => {
+                        self.feed_b2bua(b2bua::Input::Request { key, flow, msg })
+                            .await
+                    }
+                    Err(resp) => self.respond(key, *resp).await,
+                }
             }
             _ => {
                 self.feed_b2bua(b2bua::Input::Request { key, flow, msg })

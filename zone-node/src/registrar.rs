@@ -242,6 +242,9 @@ pub struct Registrar {
 struct Ctx<'a> {
     now: u64,
     random: [u8; 8],
+    /// Proxy authentication (407, Proxy-Authenticate/-Authorization) for a
+    /// caller, rather than 401 for a REGISTER.
+    proxy: bool,
     source: SocketAddr,
     transport: &'a str,
     req: &'a Message,
@@ -384,6 +387,7 @@ impl Registrar {
         let ctx = Ctx {
             now: now_unix,
             random,
+            proxy: false,
             source,
             transport,
             req,
@@ -394,6 +398,50 @@ impl Registrar {
             Ok(outcome) => outcome,
             Err(reply) => Outcome::Respond(reply.into_response(req, &ctx.tag)),
         }
+    }
+
+    /// Authenticates a caller: an initial request other than REGISTER (an
+    /// INVITE) must carry `Proxy-Authorization` digest credentials of the
+    /// user named in its From, under the same nonces, algorithms and lockout
+    /// as registrations (RFC 3261 §22.3). `Err` is the response to send:
+    /// 407 with `Proxy-Authenticate` challenges, 403 when the credentials
+    /// belong to another user or the user is locked out, 429 when the source
+    /// is, 400 for malformed credentials.
+    pub fn authenticate_caller(
+        &mut self,
+        now_unix: u64,
+        random: [u8; 8],
+        source: SocketAddr,
+        transport: &str,
+        req: &Message,
+        state: &State,
+    ) -> Result<(), Box<Message>> {
+        let ctx = Ctx {
+            now: now_unix,
+            random,
+            proxy: true,
+            source,
+            transport,
+            req,
+            state,
+            tag: hex::encode(random),
+        };
+        let src = source_key(source.ip());
+        let decided = if let Some(until) = self.sources.locked_until(&src, now_unix) {
+            self.stats.locked_out += 1;
+            Err(too_many(until - now_unix))
+        } else {
+            let from_user = req
+                .from()
+                .ok()
+                .and_then(|f| f.uri.as_sip().and_then(|u| u.user_decoded()))
+                .and_then(|u| String::from_utf8(u).ok());
+            match from_user {
+                Some(user) => self.authenticate(&ctx, src, &user),
+                None => Err(Reply::new(403, "Forbidden (no user in From)")),
+            }
+        };
+        decided.map_err(|reply| Box::new(reply.into_response(req, &ctx.tag)))
     }
 
     /// The 200 OK for a REGISTER whose entry committed: every current binding
@@ -580,11 +628,18 @@ impl Registrar {
 
     /// RFC 3261 §10.3 steps 3–4: digest credentials for this realm, checked
     /// against the directory, with lockout.
+    /// Checks the request's digest credentials for `to_user` (the AOR's
+    /// user for a REGISTER, the From user for a caller).
     fn authenticate(&mut self, ctx: &Ctx<'_>, src: IpAddr, to_user: &str) -> Result<(), Reply> {
         let req = ctx.req;
         let mut malformed = false;
         let mut creds = None;
-        for v in req.values(HeaderName::Authorization) {
+        let header = if ctx.proxy {
+            HeaderName::ProxyAuthorization
+        } else {
+            HeaderName::Authorization
+        };
+        for v in req.values(header) {
             match Credentials::parse(v) {
                 Ok(Credentials::Digest(c)) if c.realm == self.config.realm => {
                     creds = Some(c);
@@ -639,7 +694,8 @@ impl Registrar {
             Some(u) => u.ha1(creds.algorithm),
             None => &DUMMY_HA1[..creds.algorithm.hex_len()],
         };
-        match self.verifier.verify(ctx.now, "REGISTER", &creds, ha1) {
+        let method = req.method().map(|m| m.to_string()).unwrap_or_default();
+        match self.verifier.verify(ctx.now, &method, &creds, ha1) {
             Ok(_) if known => {}
             Ok(_) | Err(AuthRejection::BadResponse) => return Err(self.failure(ctx, src, ukey)),
             Err(AuthRejection::StoredHa1Mismatch) => {
@@ -660,11 +716,18 @@ impl Registrar {
 
     fn challenge(&mut self, ctx: &Ctx<'_>, stale: bool) -> Reply {
         self.stats.challenges += 1;
-        let mut r = Reply::new(401, "Unauthorized");
+        let (mut r, header) = if ctx.proxy {
+            (
+                Reply::new(407, "Proxy Authentication Required"),
+                HeaderName::ProxyAuthenticate,
+            )
+        } else {
+            (Reply::new(401, "Unauthorized"), HeaderName::WwwAuthenticate)
+        };
         let offered = self.verifier.challenges(ctx.now, ctx.random, stale);
         for alg in &self.config.algorithms {
             for c in offered.iter().filter(|c| c.algorithm == *alg) {
-                r = r.with(HeaderName::WwwAuthenticate, &c.to_header_value());
+                r = r.with(header, &c.to_header_value());
             }
         }
         r
@@ -1236,6 +1299,91 @@ mod tests {
             req.cseq += 1;
             assert_eq!(r.status() == Some(200), ok, "{uri}: {r}");
         }
+    }
+
+    #[test]
+    fn callers_authenticate_with_proxy_authorization_as_their_from_user() {
+        let mut h = H::new();
+        let invite = |from: &str, auth: Option<String>| {
+            let mut text = format!(
+                "INVITE sip:bob@{REALM} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5062;branch=z9hG4bKc1\r\n\
+                 From: <sip:{from}@{REALM}>;tag=f1\r\nTo: <sip:bob@{REALM}>\r\nCall-ID: c1\r\n\
+                 CSeq: 1 INVITE\r\nContact: <sip:{from}@127.0.0.1:5062>\r\nMax-Forwards: 70\r\n"
+            );
+            if let Some(a) = auth {
+                text += &format!("Proxy-Authorization: {a}\r\n");
+            }
+            text += "Content-Length: 0\r\n\r\n";
+            Message::parse(
+                bytes::Bytes::from(text),
+                sip::msg::Framing::Datagram,
+                &Default::default(),
+            )
+            .unwrap()
+        };
+        let src: SocketAddr = UA.parse().unwrap();
+        let state = State::new();
+        // no credentials: 407 with Proxy-Authenticate, one challenge per algorithm
+        let r = h
+            .reg
+            .authenticate_caller(h.now, [1; 8], src, "UDP", &invite("alice", None), &state)
+            .unwrap_err();
+        assert_eq!(r.status(), Some(407));
+        let chs: Vec<Challenge> = r
+            .values(HeaderName::ProxyAuthenticate)
+            .map(|v| Challenge::parse(v).unwrap())
+            .collect();
+        assert_eq!(chs.len(), 2);
+        let answer = |user: &str, pw: &str, nc: u32| {
+            sip::auth::respond(
+                &chs[0],
+                "INVITE",
+                &format!("sip:bob@{REALM}"),
+                user,
+                pw,
+                "cn",
+                nc,
+            )
+            .unwrap()
+        };
+        // the right password for the From user: accepted
+        let ok = h.reg.authenticate_caller(
+            h.now,
+            [2; 8],
+            src,
+            "UDP",
+            &invite("alice", Some(answer("alice", "alice-pw", 1))),
+            &state,
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        // bob's valid credentials cannot call as alice
+        let r = h
+            .reg
+            .authenticate_caller(
+                h.now,
+                [3; 8],
+                src,
+                "UDP",
+                &invite("alice", Some(answer("bob", "bob-pw", 2))),
+                &state,
+            )
+            .unwrap_err();
+        assert_eq!(r.status(), Some(403));
+        // a wrong password is challenged again and counted
+        let before = h.reg.stats().auth_failures;
+        let r = h
+            .reg
+            .authenticate_caller(
+                h.now,
+                [4; 8],
+                src,
+                "UDP",
+                &invite("alice", Some(answer("alice", "nope", 3))),
+                &state,
+            )
+            .unwrap_err();
+        assert_eq!(r.status(), Some(407));
+        assert_eq!(h.reg.stats().auth_failures, before + 1);
     }
 
     #[test]

@@ -113,6 +113,7 @@ fn log(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("node.log")).unwrap_or_default()
 }
 
+/// A UA that calls as user 1000 (answering 407 with its credentials).
 async fn ua() -> Ua {
     Ua::start(UaConfig {
         transport: sip::transport::TransportConfig {
@@ -120,6 +121,8 @@ async fn ua() -> Ua {
             tcp: vec![addr(0)],
             ..Default::default()
         },
+        user: "1000".into(),
+        credentials: Some(("1000".into(), "pw1000".into())),
         ..UaConfig::default()
     })
     .await
@@ -301,12 +304,24 @@ fn sipp_uac_calls_registered_sipp_uas_1000_times_through_the_b2bua() {
             .unwrap();
         assert_eq!(r.status(), Some(200), "{r}");
     });
-    let uac = Sipp::builtin("uac", &node.dir, "uac")
+    // every caller authenticates (407, then Proxy-Authorization as user 1000)
+    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp/uac_auth.xml");
+    let uac = Sipp::scenario_path(&scenario, &node.dir, "uac")
         .unwrap()
         .local(addr(free_port()))
         .calls(1000)
         .arg("-s")
         .arg("1001")
+        .arg("-key")
+        .arg("caller")
+        .arg("1000")
+        .arg("-key")
+        .arg("domain")
+        .arg(REALM)
+        .arg("-au")
+        .arg("1000")
+        .arg("-ap")
+        .arg("pw1000")
         .arg("-r")
         .arg(100)
         .arg("-d")
@@ -333,6 +348,21 @@ fn sipp_uac_calls_registered_sipp_uas_1000_times_through_the_b2bua() {
         r#"sipzone_node_responses_total{method="INVITE",code="200"}"#,
     );
     assert_eq!(ok, Some(1000.0));
+}
+
+#[test]
+fn a_caller_without_credentials_gets_407() {
+    let node = start_node("no-credentials");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let anonymous = ua_other_source().await;
+        let flow = Flow::to(Transport::Udp, node.sip);
+        let r = anonymous
+            .call(&format!("sip:1001@{REALM}"), flow, Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(r.invite_status, 407);
+    });
 }
 
 #[test]
