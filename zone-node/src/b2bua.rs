@@ -289,6 +289,19 @@ pub enum Input {
         /// The ACK.
         msg: Message,
     },
+    /// An initial INVITE for a number that is not a local user: one B leg
+    /// to `next_hop` (the configured outbound route, the SBC later), with
+    /// Request-URI `sip:<number>@<next hop>`.
+    Outbound {
+        /// The server transaction.
+        key: TxnKey,
+        /// The flow it arrived on.
+        flow: Flow,
+        /// The INVITE.
+        msg: Message,
+        /// Where the B leg goes.
+        next_hop: Flow,
+    },
 }
 
 /// What the core asks of the driver.
@@ -589,6 +602,17 @@ impl B2bua {
                 Ok(())
             }
             Input::Ack { msg } => self.ack(now, msg),
+            Input::Outbound {
+                key,
+                flow,
+                msg,
+                next_hop,
+            } => {
+                if msg.to()?.tag().is_some() || !msg.is_method(&Method::Invite) {
+                    return Err(B2buaError::Unexpected);
+                }
+                self.invite(now, key, flow, msg, state, Some(next_hop))
+            }
         }
     }
 
@@ -703,7 +727,7 @@ impl B2bua {
             self.respond(key, r);
             return Ok(());
         }
-        self.invite(now, key, flow, msg, state)
+        self.invite(now, key, flow, msg, state, None)
     }
 
     fn invite(
@@ -713,6 +737,7 @@ impl B2bua {
         flow: Flow,
         msg: Message,
         state: &State,
+        outbound: Option<Flow>,
     ) -> Result<(), B2buaError> {
         let a_tag = self.random_hex();
         let reject = |code: u16, reason: &str| msg.response(code, reason, Some(&a_tag));
@@ -733,18 +758,45 @@ impl B2bua {
             .request_uri()
             .and_then(|u| u.as_sip().and_then(|s| s.user_decoded()))
             .map(|u| String::from_utf8_lossy(&u).into_owned());
-        let Some(aor) = user.and_then(|u| Aor::parse(&format!("sip:{u}@{}", self.config.realm)))
-        else {
+        let Some(user) = user else {
             let r = reject(404, "Not Found");
             self.respond(key, r);
             return Ok(());
         };
-        let bindings = state.bindings(&aor, now.unix_secs());
-        if bindings.is_empty() {
+        // Where the B legs go: every live binding of the local callee, or
+        // the outbound next hop for a number that is not a local user.
+        // (target, Request-URI, Route set, To)
+        let dests: Vec<(Target, String, Vec<String>, String)> = match outbound {
+            Some(hop) => {
+                let ruri = format!("sip:{user}@{}", hop.remote);
+                vec![(Target::Peer { flow: hop }, ruri.clone(), Vec::new(), ruri)]
+            }
+            None => {
+                let Some(aor) = Aor::parse(&format!("sip:{user}@{}", self.config.realm)) else {
+                    let r = reject(404, "Not Found");
+                    self.respond(key, r);
+                    return Ok(());
+                };
+                state
+                    .bindings(&aor, now.unix_secs())
+                    .into_iter()
+                    .map(|b| {
+                        (
+                            Target::binding(b),
+                            b.contact.clone(),
+                            b.path.clone(),
+                            aor.to_string(),
+                        )
+                    })
+                    .collect()
+            }
+        };
+        if dests.is_empty() {
             let r = reject(480, "Temporarily Unavailable");
             self.respond(key, r);
             return Ok(());
         }
+        let callee = dests[0].3.clone();
         // An RFC 2543 caller may send no Contact: its From address is then
         // where requests of the dialog go (RFC 4475 §3.4.1 asks to accept it).
         let a_dialog = match Dialog::uas(&msg, &a_tag) {
@@ -779,19 +831,18 @@ impl B2bua {
         let id = self.next_call;
         self.next_call += 1;
 
-        let mut forks = Vec::with_capacity(bindings.len());
-        let mut sends = Vec::with_capacity(bindings.len());
-        for b in bindings {
-            let target = Target::binding(b);
-            let mut inv = Message::request(Method::Invite, &b.contact)
+        let mut forks = Vec::with_capacity(dests.len());
+        let mut sends = Vec::with_capacity(dests.len());
+        for (target, ruri, path, to) in dests {
+            let mut inv = Message::request(Method::Invite, &ruri)
                 .with(HeaderName::Via, &self.via(&target))
                 .with(HeaderName::MaxForwards, &max_forwards.to_string());
-            for p in &b.path {
+            for p in &path {
                 inv.push(Header::new(HeaderName::Route, p));
             }
             inv = inv
                 .with(HeaderName::From, &format!("{from};tag={b_tag}"))
-                .with(HeaderName::To, &format!("<{aor}>"))
+                .with(HeaderName::To, &format!("<{to}>"))
                 .with(HeaderName::CallId, &b_call_id)
                 .with(HeaderName::CSeq, "1 INVITE")
                 .with(HeaderName::Contact, &self.contact())
@@ -831,7 +882,7 @@ impl B2bua {
                 winner: None,
                 b_dialog: None,
                 caller,
-                callee: aor.to_string(),
+                callee,
                 start_ms: now.unix_ms,
                 answer_ms: None,
                 a_ok: None,
@@ -1810,6 +1861,41 @@ Content-Length: {}
         assert!(r.to().unwrap().tag().is_some());
         assert_eq!(t.b.call_count(), 0);
         assert!(t.b.poll_timeout().is_none());
+    }
+
+    #[test]
+    fn a_number_that_is_not_local_goes_to_the_outbound_next_hop() {
+        // no bindings at all: the location lookup is not consulted
+        let mut t = T::new(State::new());
+        let hop = Flow::to(Transport::Udp, "192.0.2.99:5080".parse().unwrap());
+        let msg = invite_a();
+        let key = TxnKey::server(&msg).unwrap();
+        let out = t.input(
+            0,
+            Input::Outbound {
+                key,
+                flow: flow_a(),
+                msg,
+                next_hop: hop,
+            },
+        );
+        let sent: Vec<_> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::SendRequest { target, msg } => Some((target, msg)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sent.len(), 1);
+        let (target, inv) = sent[0];
+        assert_eq!(*target, Target::Peer { flow: hop });
+        assert_eq!(inv.request_uri_str(), Some("sip:1001@192.0.2.99:5080"));
+        assert_eq!(
+            inv.header(HeaderName::To),
+            Some("<sip:1001@192.0.2.99:5080>")
+        );
+        assert!(inv.header(HeaderName::Route).is_none());
+        assert_eq!(t.b.call_count(), 1);
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// Where calls to numbers that are not local users go.
+    #[serde(default)]
+    pub outbound: Option<OutboundConfig>,
     /// Directory users with stored HA1 hashes.
     #[serde(default)]
     pub users: Vec<UserConfig>,
@@ -216,6 +219,29 @@ fn default_lockout() -> u64 {
     300
 }
 
+/// `[outbound]`: the next hop for calls to numbers that are not local users
+/// (a carrier trunk or the SBC). Without it such calls get 404.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundConfig {
+    /// `ip:port` of the next hop.
+    pub next_hop: SocketAddr,
+    /// `udp`, `tcp` or `tls`.
+    #[serde(default = "default_outbound_transport")]
+    pub transport: String,
+}
+
+fn default_outbound_transport() -> String {
+    "udp".into()
+}
+
+impl OutboundConfig {
+    /// The transport, validated by [`Config::validate`].
+    pub fn transport_kind(&self) -> sip::flow::Transport {
+        sip::flow::Transport::from_token(&self.transport).unwrap_or(sip::flow::Transport::Udp)
+    }
+}
+
 /// `[metrics]`
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -363,6 +389,11 @@ impl Config {
                 .any(|a| !matches!(a.as_str(), "SHA-256" | "MD5"))
         {
             return bad("auth.algorithms must list SHA-256 and/or MD5");
+        }
+        if let Some(o) = &self.outbound
+            && sip::flow::Transport::from_token(&o.transport).is_none()
+        {
+            return bad("outbound.transport must be udp, tcp or tls");
         }
         if !matches!(self.log.format.as_str(), "json" | "text") {
             return bad("log.format must be json or text");

@@ -218,6 +218,10 @@ impl Node {
             registrar,
             b2bua,
             authenticate_calls: !cfg.auth.danger_unauthenticated_calls,
+            outbound: cfg
+                .outbound
+                .as_ref()
+                .map(|o| Flow::to(o.transport_kind(), o.next_hop)),
             next_id: 1,
             store: MemStore::default(),
             rng,
@@ -279,6 +283,8 @@ struct Core {
     b2bua: B2bua,
     /// Initial INVITEs must carry the caller's digest credentials.
     authenticate_calls: bool,
+    /// Where calls to numbers that are not local users go.
+    outbound: Option<Flow>,
     /// Node-wide proposal ids: every entry is numbered here, whichever core
     /// made it, so the state applies them in order.
     next_id: u64,
@@ -400,30 +406,55 @@ impl Core {
                     );
                 self.respond(key, resp).await;
             }
-            Method::Invite if !in_dialog && self.authenticate_calls => {
-                let random = self.random();
-                let checked = self.registrar.authenticate_caller(
-                    unix_now(),
-                    random,
-                    flow.remote,
-                    flow.transport.via_token(),
-                    &msg,
-                    self.store.state(),
-                );
-                self.report_registrar_stats();
-                match checked {
-                    Ok(()) => {
-                        self.feed_b2bua(b2bua::Input::Request { key, flow, msg })
-                            .await
-                    }
-                    Err(resp) => self.respond(key, *resp).await,
-                }
-            }
+            Method::Invite if !in_dialog => self.initial_invite(key, flow, msg).await,
             _ => {
                 self.feed_b2bua(b2bua::Input::Request { key, flow, msg })
                     .await
             }
         }
+    }
+
+    /// An initial INVITE: the caller authenticates (unless the bench knob
+    /// says otherwise), then a local user's call goes to the B2BUA's
+    /// location lookup, another number to the outbound next hop, or 404.
+    async fn initial_invite(&mut self, key: TxnKey, flow: Flow, msg: Message) {
+        if self.authenticate_calls {
+            let random = self.random();
+            let checked = self.registrar.authenticate_caller(
+                unix_now(),
+                random,
+                flow.remote,
+                flow.transport.via_token(),
+                &msg,
+                self.store.state(),
+            );
+            self.report_registrar_stats();
+            if let Err(resp) = checked {
+                return self.respond(key, *resp).await;
+            }
+        }
+        let callee = msg
+            .request_uri()
+            .and_then(|u| u.as_sip().and_then(|s| s.user_decoded()))
+            .and_then(|u| String::from_utf8(u).ok());
+        let local = callee
+            .as_deref()
+            .is_some_and(|u| self.registrar.directory().user(u).is_some());
+        let input = match (local, self.outbound) {
+            (true, _) => b2bua::Input::Request { key, flow, msg },
+            (false, Some(next_hop)) if callee.is_some() => b2bua::Input::Outbound {
+                key,
+                flow,
+                msg,
+                next_hop,
+            },
+            _ => {
+                let tag = hex::encode(self.random());
+                let resp = msg.response(404, "Not Found", Some(&tag));
+                return self.respond(key, resp).await;
+            }
+        };
+        self.feed_b2bua(input).await;
     }
 
     /// Performs what the B2BUA asked for.

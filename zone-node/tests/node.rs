@@ -41,6 +41,11 @@ fn metric(node: &Node, name: &str) -> Option<f64> {
 /// Starts a node with the local-testing users on free ports and waits until
 /// it answers OPTIONS.
 fn start_node(name: &str) -> Node {
+    start_node_with(name, "")
+}
+
+/// Like [`start_node`], with `extra` TOML appended to the config.
+fn start_node_with(name: &str, extra: &str) -> Node {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join("node")
         .join(name);
@@ -70,6 +75,7 @@ level = "warn"
 first = 1000
 last = 1999
 password_prefix = "pw"
+{extra}
 "#
     );
     let path = dir.join("node.toml");
@@ -413,5 +419,64 @@ fn cancel_before_answer_gives_487() {
             .await
             .unwrap();
         assert_eq!(status, 487);
+    });
+}
+
+/// A number that is not a local user: 404 without an outbound route; with
+/// one, the call goes to the next hop (here a test UA standing in for a
+/// carrier) and completes there.
+#[test]
+fn calls_to_other_numbers_take_the_outbound_route_or_get_404() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let node = start_node("no-outbound");
+    rt.block_on(async {
+        let caller = ua().await;
+        let flow = Flow::to(Transport::Udp, node.sip);
+        let r = caller
+            .call(&format!("sip:15551234567@{REALM}"), flow, Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(r.invite_status, 404);
+    });
+    drop(node);
+    let carrier = rt.block_on(async {
+        Ua::start(UaConfig {
+            transport: sip::transport::TransportConfig {
+                udp: vec![addr(0)],
+                ..Default::default()
+            },
+            user: "carrier".into(),
+            ..UaConfig::default()
+        })
+        .await
+        .unwrap()
+    });
+    let hop = carrier.local_addr(Transport::Udp).unwrap();
+    let node = start_node_with(
+        "outbound",
+        &format!("[outbound]\nnext_hop = \"{hop}\"\ntransport = \"udp\"\n"),
+    );
+    rt.block_on(async {
+        let caller = ua().await;
+        let flow = Flow::to(Transport::Udp, node.sip);
+        let r = caller
+            .call(
+                &format!("sip:15551234567@{REALM}"),
+                flow,
+                Duration::from_millis(50),
+            )
+            .await
+            .unwrap();
+        assert_eq!((r.invite_status, r.bye_status), (200, Some(200)));
+        // the node answers the caller's BYE and sends its own to the
+        // carrier; wait (bounded) for that one to arrive
+        for _ in 0..500 {
+            if carrier.stats().byes == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let s = carrier.stats();
+        assert_eq!((s.answered, s.byes), (1, 1));
     });
 }
