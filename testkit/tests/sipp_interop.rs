@@ -66,48 +66,67 @@ fn wait_udp_bound(port: u16) {
     panic!("no UDP socket on port {port}");
 }
 
-/// Starts `sipzone-uas` on `port` (UDP+TCP, and TLS on `tls_port`) and waits
-/// until it answers OPTIONS.
-fn start_uas(
-    dir: &std::path::Path,
+/// A running `sipzone-uas` and its ports.
+struct Uas {
+    _proc: Proc,
     port: u16,
-    tls: Option<(u16, &testkit::pki::LeafFiles)>,
-) -> Proc {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sipzone-uas"));
-    cmd.arg("--listen").arg(addr(port).to_string());
-    if let Some((tls_port, leaf)) = tls {
-        cmd.arg("--tls-listen")
-            .arg(addr(tls_port).to_string())
-            .arg("--cert")
-            .arg(&leaf.cert)
-            .arg("--key")
-            .arg(&leaf.key);
-    }
-    let p = Proc::spawn("sipzone-uas", &mut cmd, &dir.join("uas.log")).unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let ua = Ua::start(UaConfig {
-            transport: sip::transport::TransportConfig {
-                udp: vec![addr(0)],
-                ..Default::default()
-            },
-            ..UaConfig::default()
-        })
-        .await
-        .unwrap();
-        let flow = Flow::to(Transport::Udp, addr(port));
-        for _ in 0..100 {
-            let req = ua.out_of_dialog(Method::Options, &format!("sip:uas@{}", addr(port)), flow);
-            if let Ok(Ok(r)) =
-                tokio::time::timeout(Duration::from_millis(600), ua.request(flow, req)).await
-                && r.status() == Some(200)
-            {
-                return;
-            }
+    tls_port: u16,
+}
+
+/// Starts `sipzone-uas` on free ports (UDP+TCP, and TLS with `tls`) and waits
+/// until it answers OPTIONS. The ports are picked before the UAS binds them,
+/// so another test may take one in between: the UAS then exits at start and
+/// is tried again on new ports.
+fn start_uas(dir: &std::path::Path, tls: Option<&testkit::pki::LeafFiles>) -> Uas {
+    for _ in 0..5 {
+        let (port, tls_port) = (free_port(), free_port());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sipzone-uas"));
+        cmd.arg("--listen").arg(addr(port).to_string());
+        if let Some(leaf) = tls {
+            cmd.arg("--tls-listen")
+                .arg(addr(tls_port).to_string())
+                .arg("--cert")
+                .arg(&leaf.cert)
+                .arg("--key")
+                .arg(&leaf.key);
         }
-        panic!("sipzone-uas does not answer OPTIONS");
-    });
-    p
+        let mut p = Proc::spawn("sipzone-uas", &mut cmd, &dir.join("uas.log")).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let up = rt.block_on(async {
+            let ua = Ua::start(UaConfig {
+                transport: sip::transport::TransportConfig {
+                    udp: vec![addr(0)],
+                    ..Default::default()
+                },
+                ..UaConfig::default()
+            })
+            .await
+            .unwrap();
+            let flow = Flow::to(Transport::Udp, addr(port));
+            for _ in 0..100 {
+                if !p.is_running() {
+                    return false;
+                }
+                let req =
+                    ua.out_of_dialog(Method::Options, &format!("sip:uas@{}", addr(port)), flow);
+                if let Ok(Ok(r)) =
+                    tokio::time::timeout(Duration::from_millis(600), ua.request(flow, req)).await
+                    && r.status() == Some(200)
+                {
+                    return true;
+                }
+            }
+            panic!("sipzone-uas does not answer OPTIONS");
+        });
+        if up {
+            return Uas {
+                _proc: p,
+                port,
+                tls_port,
+            };
+        }
+    }
+    panic!("sipzone-uas did not start in 5 tries");
 }
 
 fn assert_sipp(dir: &std::path::Path, sipp: &Sipp, code: i32, stats: &testkit::sipp::SippStats) {
@@ -131,8 +150,8 @@ fn tail(s: &str) -> String {
 /// `sipp -sn uac` calls `sipzone-uas`.
 fn sipp_calls_uas(name: &str, transport: SippTransport, lost: bool, rate: u64) {
     let dir = work_dir(name);
-    let port = free_port();
-    let _uas = start_uas(&dir, port, None);
+    let uas = start_uas(&dir, None);
+    let port = uas.port;
     let mut sipp = Sipp::builtin("uac", &dir, "uac")
         .unwrap()
         .transport(transport)
@@ -245,8 +264,8 @@ fn sipp_uac_to_stack_uas_tls_via_stunnel() {
         .unwrap()
         .write(&dir, "uas")
         .unwrap();
-    let (port, tls_port, tunnel_port) = (free_port(), free_port(), free_port());
-    let _uas = start_uas(&dir, port, Some((tls_port, &leaf)));
+    let uas = start_uas(&dir, Some(&leaf));
+    let (tls_port, tunnel_port) = (uas.tls_port, free_port());
     let _tunnel = stunnel::start(
         &dir,
         "to-uas",

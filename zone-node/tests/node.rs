@@ -44,8 +44,20 @@ fn start_node(name: &str) -> Node {
     start_node_with(name, "")
 }
 
-/// Like [`start_node`], with `extra` TOML appended to the config.
+/// Like [`start_node`], with `extra` TOML appended to the config. The free
+/// ports are picked before the node binds them, so another test may take one
+/// in between: the node then exits at start and is tried again on new ports.
 fn start_node_with(name: &str, extra: &str) -> Node {
+    for _ in 0..5 {
+        if let Some(node) = try_start_node(name, extra) {
+            return node;
+        }
+    }
+    panic!("sipzone-node did not start in 5 tries");
+}
+
+/// One start; `None` when the node exited before answering (a port taken).
+fn try_start_node(name: &str, extra: &str) -> Option<Node> {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join("node")
         .join(name);
@@ -80,7 +92,7 @@ password_prefix = "pw"
     );
     let path = dir.join("node.toml");
     std::fs::write(&path, cfg).unwrap();
-    let p = Proc::spawn(
+    let mut p = Proc::spawn(
         "sipzone-node",
         Command::new(env!("CARGO_BIN_EXE_sipzone-node"))
             .arg("--config")
@@ -88,31 +100,30 @@ password_prefix = "pw"
         &dir.join("node.log"),
     )
     .unwrap();
-    let node = Node {
-        _proc: p,
-        sip: addr(sip),
-        metrics: addr(metrics),
-        dir,
-    };
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
+    let up = rt.block_on(async {
         let ua = ua().await;
-        let flow = Flow::to(Transport::Udp, node.sip);
+        let flow = Flow::to(Transport::Udp, addr(sip));
         for _ in 0..100 {
+            if !p.is_running() {
+                return false;
+            }
             let req = ua.out_of_dialog(Method::Options, &format!("sip:{REALM}"), flow);
             if let Ok(Ok(r)) =
                 tokio::time::timeout(Duration::from_millis(600), ua.request(flow, req)).await
                 && r.status() == Some(200)
             {
-                return;
+                return true;
             }
         }
-        panic!(
-            "sipzone-node does not answer OPTIONS; log:\n{}",
-            log(&node.dir)
-        );
+        panic!("sipzone-node does not answer OPTIONS; log:\n{}", log(&dir));
     });
-    node
+    up.then_some(Node {
+        _proc: p,
+        sip: addr(sip),
+        metrics: addr(metrics),
+        dir,
+    })
 }
 
 fn log(dir: &Path) -> String {
