@@ -79,6 +79,48 @@ impl Default for UaConfig {
     }
 }
 
+/// An INVITE client transaction the UA waits on.
+struct PendingInvite {
+    invite: Message,
+    key: TxnKey,
+    rx: mpsc::UnboundedReceiver<Event>,
+    answered_challenge: bool,
+}
+
+/// What an INVITE transaction brought.
+enum InviteEvent {
+    /// A 1xx.
+    Provisional(Message),
+    /// The final response (after answering one 401/407 when the UA has
+    /// credentials).
+    Final(Message),
+}
+
+impl PendingInvite {
+    /// The next response, answering one digest challenge transparently.
+    async fn next(&mut self, inner: &Inner, next_hop: Flow) -> Result<InviteEvent> {
+        loop {
+            match self.rx.recv().await.context("endpoint stopped")? {
+                Event::Response { msg, .. } => match msg.status() {
+                    Some(s) if s < 200 => return Ok(InviteEvent::Provisional(msg)),
+                    Some(401 | 407) if !self.answered_challenge && inner.credentials.is_some() => {
+                        self.answered_challenge = true;
+                        inner.forget(&self.key);
+                        self.invite = inner.with_credentials(&self.invite, &msg, next_hop)?;
+                        (self.key, self.rx) =
+                            inner.start_client(next_hop, self.invite.clone()).await?;
+                    }
+                    Some(_) => return Ok(InviteEvent::Final(msg)),
+                    None => bail!("response without status"),
+                },
+                Event::Timeout { timer, .. } => bail!("INVITE timed out (timer {timer:?})"),
+                Event::TransportError { .. } => bail!("transport error on INVITE"),
+                _ => {}
+            }
+        }
+    }
+}
+
 /// Outcome of one call placed by [`Ua::call`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallReport {
@@ -176,42 +218,23 @@ impl Ua {
     /// failures (timeouts, malformed answers).
     pub async fn call(&self, target: &str, next_hop: Flow, hold: Duration) -> Result<CallReport> {
         let inner = &self.inner;
-        let call_id = format!("{}@testkit", inner.token());
-        let from_tag = inner.token();
-        let invite = inner
-            .base_request(Method::Invite, target, next_hop, &call_id, &from_tag, 1)
-            .with(HeaderName::Contact, &inner.contact(next_hop))
-            .with_body("application/sdp", sdp(next_hop));
-        let (mut key, mut rx) = inner.start_client(next_hop, invite.clone()).await?;
-        let mut invite = invite;
-        let mut answered_challenge = false;
+        let mut pending = inner.send_invite(target, next_hop).await?;
         let ok = loop {
-            let ev = rx.recv().await.context("endpoint stopped")?;
-            match ev {
-                Event::Response { msg, .. } => match msg.status() {
-                    Some(s) if s < 200 => continue,
-                    Some(s) if s < 300 => break msg,
-                    Some(401 | 407) if !answered_challenge && inner.credentials.is_some() => {
-                        answered_challenge = true;
-                        inner.forget(&key);
-                        invite = inner.with_credentials(&invite, &msg, next_hop)?;
-                        (key, rx) = inner.start_client(next_hop, invite.clone()).await?;
-                    }
-                    Some(s) => {
-                        inner.forget(&key);
-                        return Ok(CallReport {
-                            invite_status: s,
-                            bye_status: None,
-                        });
-                    }
-                    None => bail!("response without status"),
-                },
-                Event::Timeout { timer, .. } => bail!("INVITE timed out (timer {timer:?})"),
-                Event::TransportError { .. } => bail!("transport error on INVITE"),
-                _ => {}
+            match pending.next(inner, next_hop).await? {
+                InviteEvent::Provisional(_) => continue,
+                InviteEvent::Final(msg) if msg.status().is_some_and(|s| s < 300) => break msg,
+                InviteEvent::Final(msg) => {
+                    inner.forget(&pending.key);
+                    return Ok(CallReport {
+                        invite_status: msg.status().unwrap_or(0),
+                        bye_status: None,
+                    });
+                }
             }
         };
-        let mut dialog = Dialog::uac(&invite, &ok).context("2xx creates no dialog")?;
+        let (invite, key) = (&pending.invite, pending.key.clone());
+        let call_id = invite.call_id().unwrap_or_default().to_string();
+        let mut dialog = Dialog::uac(invite, &ok).context("2xx creates no dialog")?;
         let ack = dialog.ack(dialog.local_seq, &inner.via(next_hop));
         lock(&inner.acks).insert(call_id.clone(), (next_hop, ack.clone()));
         inner
@@ -237,41 +260,25 @@ impl Ua {
     /// status (487 when the CANCEL won).
     pub async fn call_and_cancel(&self, target: &str, next_hop: Flow) -> Result<u16> {
         let inner = &self.inner;
-        let call_id = format!("{}@testkit", inner.token());
-        let from_tag = inner.token();
-        let invite = inner
-            .base_request(Method::Invite, target, next_hop, &call_id, &from_tag, 1)
-            .with(HeaderName::Contact, &inner.contact(next_hop))
-            .with_body("application/sdp", sdp(next_hop));
-        let (mut key, mut rx) = inner.start_client(next_hop, invite.clone()).await?;
+        let mut pending = inner.send_invite(target, next_hop).await?;
         let mut cancelled = false;
-        let mut answered_challenge = false;
         let status = loop {
-            match rx.recv().await.context("endpoint stopped")? {
-                Event::Response { msg, .. } => match msg.status() {
-                    Some(401 | 407) if !answered_challenge && inner.credentials.is_some() => {
-                        answered_challenge = true;
-                        inner.forget(&key);
-                        let again = inner.with_credentials(&invite, &msg, next_hop)?;
-                        (key, rx) = inner.start_client(next_hop, again).await?;
-                    }
-                    Some(s) if s > 100 && s < 200 && !cancelled => {
-                        inner
-                            .endpoint
-                            .cancel(key.clone())
-                            .await
-                            .map_err(|e| anyhow!("CANCEL: {e}"))?;
-                        cancelled = true;
-                    }
-                    Some(s) if s >= 200 => break s,
-                    _ => {}
-                },
-                Event::Timeout { timer, .. } => bail!("INVITE timed out (timer {timer:?})"),
-                Event::TransportError { .. } => bail!("transport error on INVITE"),
-                _ => {}
+            match pending.next(inner, next_hop).await? {
+                InviteEvent::Provisional(msg)
+                    if msg.status().is_some_and(|s| s > 100) && !cancelled =>
+                {
+                    inner
+                        .endpoint
+                        .cancel(pending.key.clone())
+                        .await
+                        .map_err(|e| anyhow!("CANCEL: {e}"))?;
+                    cancelled = true;
+                }
+                InviteEvent::Provisional(_) => {}
+                InviteEvent::Final(msg) => break msg.status().unwrap_or(0),
             }
         };
-        inner.forget(&key);
+        inner.forget(&pending.key);
         Ok(status)
     }
 
@@ -440,6 +447,23 @@ impl Inner {
             .with(HeaderName::CallId, call_id)
             .with(HeaderName::CSeq, &format!("{seq} {method}"))
             .with(HeaderName::UserAgent, "sipzone-testkit")
+    }
+
+    /// Builds and sends an INVITE with SDP to `target` through `next_hop`.
+    async fn send_invite(&self, target: &str, next_hop: Flow) -> Result<PendingInvite> {
+        let call_id = format!("{}@testkit", self.token());
+        let from_tag = self.token();
+        let invite = self
+            .base_request(Method::Invite, target, next_hop, &call_id, &from_tag, 1)
+            .with(HeaderName::Contact, &self.contact(next_hop))
+            .with_body("application/sdp", sdp(next_hop));
+        let (key, rx) = self.start_client(next_hop, invite.clone()).await?;
+        Ok(PendingInvite {
+            invite,
+            key,
+            rx,
+            answered_challenge: false,
+        })
     }
 
     /// `invite` again, answering the 401/407 `challenge` with the UA's
