@@ -12,3 +12,11 @@ pub mod proc;
 pub mod sipp;
 pub mod stunnel;
 pub mod ua;
+
+/// Logs to stderr, filtered by `RUST_LOG`: the setup of the kit's binaries.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -147,12 +147,16 @@ fn tail(s: &str) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
-/// `sipp -sn uac` calls `sipzone-uas`.
-fn sipp_calls_uas(name: &str, transport: SippTransport, lost: bool, rate: u64) {
-    let dir = work_dir(name);
-    let uas = start_uas(&dir, None);
-    let port = uas.port;
-    let mut sipp = Sipp::builtin("uac", &dir, "uac")
+/// `sipp -sn uac` placing [`CALLS`] calls to `remote` at `rate` per second
+/// (100 ms hold), with `-lost 10` when `lost`.
+fn sipp_uac(
+    dir: &std::path::Path,
+    transport: SippTransport,
+    rate: u64,
+    lost: bool,
+    remote: SocketAddr,
+) -> Sipp {
+    let mut sipp = Sipp::builtin("uac", dir, "uac")
         .unwrap()
         .transport(transport)
         .local(addr(free_port()))
@@ -167,9 +171,49 @@ fn sipp_calls_uas(name: &str, transport: SippTransport, lost: bool, rate: u64) {
     if lost {
         sipp = sipp.arg("-lost").arg(10);
     }
-    let sipp = sipp.remote(addr(port));
+    sipp.remote(remote)
+}
+
+/// `sipp -sn uac` calls `sipzone-uas`.
+fn sipp_calls_uas(name: &str, transport: SippTransport, lost: bool, rate: u64) {
+    let dir = work_dir(name);
+    let uas = start_uas(&dir, None);
+    let sipp = sipp_uac(&dir, transport, rate, lost, addr(uas.port));
     let (code, stats) = sipp.run(LIMIT).unwrap();
     assert_sipp(&dir, &sipp, code, &stats);
+}
+
+/// Runs `sipzone-uac` ([`CALLS`] calls at `rate`) through `next_hop` with
+/// `extra` arguments while `sipp` (already started as `sipp_proc`) answers,
+/// and checks both sides completed every call.
+fn run_stack_uac(
+    name: &str,
+    dir: &std::path::Path,
+    sipp: &Sipp,
+    mut sipp_proc: Proc,
+    next_hop: SocketAddr,
+    rate: u64,
+    extra: &[&std::ffi::OsStr],
+) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sipzone-uac"))
+        .args(["--target", &format!("sip:service@{next_hop}")])
+        .args(["--next-hop", &next_hop.to_string()])
+        .args(["--calls", &CALLS.to_string(), "--rate", &rate.to_string()])
+        .args(["--timeout-s", "200"])
+        .args(extra)
+        .output()
+        .unwrap();
+    let uac_out =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let status = sipp_proc.wait_timeout(Duration::from_secs(30)).unwrap();
+    let stats = sipp.stats().unwrap();
+    println!("{name}: uac: {}", uac_out.lines().last().unwrap_or(""));
+    assert!(
+        out.status.success(),
+        "sipzone-uac failed:\n{}",
+        tail(&uac_out)
+    );
+    assert_sipp(dir, sipp, status.code().unwrap_or(-1), &stats);
 }
 
 /// `sipzone-uac` calls `sipp -sn uas`.
@@ -192,35 +236,26 @@ fn uac_calls_sipp(name: &str, transport: SippTransport, lost: bool, rate: u64) {
         .arg("-timeout")
         .arg("200s")
         .arg("-timeout_error");
-    let mut sipp_proc = sipp.spawn().unwrap();
-    match transport {
-        SippTransport::Udp => wait_udp_bound(port),
-        SippTransport::Tcp => wait_tcp(addr(port)),
-    }
-    let t = if transport == SippTransport::Udp {
-        "udp"
-    } else {
-        "tcp"
+    let sipp_proc = sipp.spawn().unwrap();
+    let t = match transport {
+        SippTransport::Udp => {
+            wait_udp_bound(port);
+            "udp"
+        }
+        SippTransport::Tcp => {
+            wait_tcp(addr(port));
+            "tcp"
+        }
     };
-    let out = Command::new(env!("CARGO_BIN_EXE_sipzone-uac"))
-        .args(["--target", &format!("sip:service@{}", addr(port))])
-        .args(["--next-hop", &addr(port).to_string()])
-        .args(["--transport", t])
-        .args(["--calls", &CALLS.to_string(), "--rate", &rate.to_string()])
-        .args(["--timeout-s", "200"])
-        .output()
-        .unwrap();
-    let uac_out =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    let status = sipp_proc.wait_timeout(Duration::from_secs(30)).unwrap();
-    let stats = sipp.stats().unwrap();
-    println!("{name}: uac: {}", uac_out.lines().last().unwrap_or(""));
-    assert!(
-        out.status.success(),
-        "sipzone-uac failed:\n{}",
-        tail(&uac_out)
+    run_stack_uac(
+        name,
+        &dir,
+        &sipp,
+        sipp_proc,
+        addr(port),
+        rate,
+        &["--transport".as_ref(), t.as_ref()],
     );
-    assert_sipp(&dir, &sipp, status.code().unwrap_or(-1), &stats);
 }
 
 #[test]
@@ -275,19 +310,7 @@ fn sipp_uac_to_stack_uas_tls_via_stunnel() {
     )
     .unwrap();
     wait_tcp(addr(tunnel_port));
-    let sipp = Sipp::builtin("uac", &dir, "uac")
-        .unwrap()
-        .transport(SippTransport::Tcp)
-        .local(addr(free_port()))
-        .calls(CALLS)
-        .arg("-r")
-        .arg(200)
-        .arg("-d")
-        .arg(100)
-        .arg("-timeout")
-        .arg("200s")
-        .arg("-timeout_error")
-        .remote(addr(tunnel_port));
+    let sipp = sipp_uac(&dir, SippTransport::Tcp, 200, false, addr(tunnel_port));
     let (code, stats) = sipp.run(LIMIT).unwrap();
     assert_sipp(&dir, &sipp, code, &stats);
 }
@@ -312,7 +335,7 @@ fn stack_uac_to_sipp_uas_tls_via_stunnel() {
         .arg("-timeout")
         .arg("200s")
         .arg("-timeout_error");
-    let mut sipp_proc = sipp.spawn().unwrap();
+    let sipp_proc = sipp.spawn().unwrap();
     wait_tcp(addr(sipp_port));
     let _tunnel = stunnel::start(
         &dir,
@@ -323,30 +346,18 @@ fn stack_uac_to_sipp_uas_tls_via_stunnel() {
     )
     .unwrap();
     wait_tcp(addr(tunnel_port));
-    let out = Command::new(env!("CARGO_BIN_EXE_sipzone-uac"))
-        .args(["--target", &format!("sip:service@{}", addr(tunnel_port))])
-        .args(["--next-hop", &addr(tunnel_port).to_string()])
-        .args(["--transport", "tls", "--ca"])
-        .arg(&ca_file)
-        .args([
-            "--calls",
-            &CALLS.to_string(),
-            "--rate",
-            "200",
-            "--timeout-s",
-            "200",
-        ])
-        .output()
-        .unwrap();
-    let uac_out =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    let status = sipp_proc.wait_timeout(Duration::from_secs(30)).unwrap();
-    let stats = sipp.stats().unwrap();
-    println!("uac-tls: uac: {}", uac_out.lines().last().unwrap_or(""));
-    assert!(
-        out.status.success(),
-        "sipzone-uac failed:\n{}",
-        tail(&uac_out)
+    run_stack_uac(
+        "uac-tls",
+        &dir,
+        &sipp,
+        sipp_proc,
+        addr(tunnel_port),
+        200,
+        &[
+            "--transport".as_ref(),
+            "tls".as_ref(),
+            "--ca".as_ref(),
+            ca_file.as_os_str(),
+        ],
     );
-    assert_sipp(&dir, &sipp, status.code().unwrap_or(-1), &stats);
 }

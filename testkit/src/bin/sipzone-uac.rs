@@ -61,10 +61,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
+    testkit::init_logging();
     let args = Args::parse();
     let Some(transport) = Transport::from_token(&args.transport) else {
         bail!("--transport must be udp, tcp or tls");

@@ -47,10 +47,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
+    testkit::init_logging();
     let args = Args::parse();
     let mut transport = TransportConfig {
         udp: vec![args.listen],
