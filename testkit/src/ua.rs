@@ -23,6 +23,9 @@ use sip::transport::{TransportConfig, Transports};
 use sip::txn::{Config, Event, TxnKey};
 use tokio::sync::{mpsc, watch};
 
+/// The methods the UA's UAS side answers (the `Allow` of its responses).
+const ALLOW: &str = "INVITE, ACK, BYE, CANCEL, OPTIONS, INFO, UPDATE, MESSAGE";
+
 /// How the UAS side answers an initial INVITE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
@@ -629,24 +632,18 @@ async fn serve(inner: &Arc<Inner>, key: TxnKey, flow: Flow, req: Message) {
                 .await
                 .map_err(Into::into)
         }
-        Method::Options | Method::Info | Method::Update | Method::Message | Method::Notify => {
-            let r = req.response(200, "OK", Some(&inner.token())).with(
-                HeaderName::Allow,
-                "INVITE, ACK, BYE, CANCEL, OPTIONS, INFO, UPDATE, MESSAGE",
-            );
-            inner
-                .endpoint
-                .send_response(key, r)
-                .await
-                .map_err(Into::into)
-        }
-        _ => {
+        other => {
+            let (code, reason) = match other {
+                Method::Options
+                | Method::Info
+                | Method::Update
+                | Method::Message
+                | Method::Notify => (200, "OK"),
+                _ => (501, "Not Implemented"),
+            };
             let r = req
-                .response(501, "Not Implemented", Some(&inner.token()))
-                .with(
-                    HeaderName::Allow,
-                    "INVITE, ACK, BYE, CANCEL, OPTIONS, INFO, UPDATE, MESSAGE",
-                );
+                .response(code, reason, Some(&inner.token()))
+                .with(HeaderName::Allow, ALLOW);
             inner
                 .endpoint
                 .send_response(key, r)
