@@ -8,6 +8,7 @@
 //! - [`directory`]: users and their HA1 credentials.
 //! - [`registrar`]: RFC 3261 §10.3 registrar with digest auth and lockout, sans-IO.
 //! - [`b2bua`]: the B2BUA core (forking, relaying, call records), sans-IO.
+//! - [`replica`]: the Raft replica (raft-rs, redb log, sled state) behind the `Store`.
 //! - [`driver`]: the tokio driver tying transports, transactions and cores together.
 #![forbid(unsafe_code)]
 
@@ -17,4 +18,5 @@ pub mod directory;
 pub mod driver;
 pub mod metrics;
 pub mod registrar;
+pub mod replica;
 pub mod state;

@@ -353,9 +353,8 @@ impl Registrar {
         &mut self.verifier
     }
 
-    /// Sets the id of the next proposal. Ids must grow in the order the
-    /// store applies entries ([`State::apply`]): after a restart over an
-    /// existing state, start above [`State::last_applied`].
+    /// Sets the id of the next proposal (ids are de-duplicated per
+    /// [`crate::state::Origin`], so any start value works for a new origin).
     pub fn set_next_proposal_id(&mut self, next: ProposalId) {
         self.next_id = next.0;
     }

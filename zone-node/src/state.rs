@@ -5,10 +5,13 @@
 //! Cores never write state directly: they build an [`Entry`] (a batch of
 //! [`Command`]s carrying a [`ProposalId`]), hand it to the store with
 //! [`Store::propose`], and act when the store reports the id committed.
-//! [`State::apply`] is deterministic (it reads no clock: time comes from
-//! [`Entry::at_unix`]) and idempotent (an entry whose id was already applied is
-//! a no-op), so a replica that crashed can replay its log over a state that
-//! already holds part of it.
+//! [`State::apply_at`] is deterministic (it reads no clock: time comes from
+//! [`Entry::at_unix`]) and idempotent twice over: an entry at a log index
+//! already applied is skipped, so a replica that crashed can replay its log
+//! over a state that already holds part of it; and an entry whose proposal
+//! (its [`Origin`] and [`ProposalId`]) was already applied is skipped, so a
+//! proposer may re-propose an entry whose commit it did not see (a proposal
+//! forwarded to a leader that died) without it taking effect twice.
 //!
 //! ```text
 //!   core ──propose(Entry{id,..})──▶ Store ──(Raft log / at once)──▶ State::apply
@@ -309,6 +312,91 @@ pub struct Cdr {
     pub reason: EndReason,
 }
 
+/// Who proposed an entry: the Raft id of the replica and a nonce it draws at
+/// each start, so a restarted node may number its proposals from 1 again
+/// without its new ids being taken for the old ones.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+pub struct Origin {
+    /// The proposer's Raft id (0 for the single-node store).
+    pub node: u64,
+    /// The proposer's start nonce.
+    pub boot: u64,
+}
+
+impl Origin {
+    /// The origin of the single-node [`MemStore`].
+    pub const LOCAL: Origin = Origin { node: 0, boot: 0 };
+}
+
+/// How many recent proposal ids per origin are remembered for de-duplication
+/// (a re-proposal older than this is taken as already applied).
+pub const DEDUP_WINDOW: u64 = 16_384;
+/// How many starts (boots) per node keep their de-duplication window.
+const BOOTS_KEPT: usize = 4;
+
+/// The proposal ids of one origin applied recently: a ring of
+/// [`DEDUP_WINDOW`] bits below the highest id seen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seen {
+    /// The proposer's start nonce.
+    boot: u64,
+    /// The highest id applied.
+    high: u64,
+    /// Bit `id % DEDUP_WINDOW` is set when `id` (within the window) was applied.
+    bits: Vec<u64>,
+}
+
+impl Seen {
+    fn new(boot: u64) -> Seen {
+        Seen {
+            boot,
+            high: 0,
+            bits: vec![0; (DEDUP_WINDOW / 64) as usize],
+        }
+    }
+
+    /// Marks `id` applied; false when it already was (or is below the window).
+    fn mark(&mut self, id: u64) -> bool {
+        if self.high >= DEDUP_WINDOW && id <= self.high - DEDUP_WINDOW {
+            return false;
+        }
+        let bit = |i: u64| (((i % DEDUP_WINDOW) / 64) as usize, 1u64 << (i % 64));
+        if id > self.high {
+            if id - self.high >= DEDUP_WINDOW {
+                self.bits.iter_mut().for_each(|w| *w = 0);
+            } else {
+                for i in self.high + 1..=id {
+                    let (w, b) = bit(i);
+                    self.bits[w] &= !b;
+                }
+            }
+            self.high = id;
+        }
+        let (w, b) = bit(id);
+        if self.bits[w] & b != 0 {
+            return false;
+        }
+        self.bits[w] |= b;
+        true
+    }
+}
+
+/// A key of the applied state, as the persistent copy of it (the replica's
+/// state database) stores it: what [`State::take_dirty`] reports changed.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Key {
+    /// The bindings of an AOR.
+    Bindings(Aor),
+    /// An active call, by A-leg Call-ID.
+    Call(String),
+    /// A CDR, by A-leg Call-ID.
+    Cdr(String),
+    /// The de-duplication windows of a proposer node.
+    Seen(u64),
+}
+
 /// A batch of commands from one request, applied atomically.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
@@ -354,19 +442,25 @@ pub enum Applied {
     Rejected(ApplyError),
 }
 
-/// The applied state: bindings per AOR, and the last applied proposal id.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The applied state: bindings per AOR, calls, CDRs, the log index of the
+/// last applied entry and the recent proposal ids of every proposer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     /// Bindings per AOR, in registration order (never empty vectors).
     bindings: BTreeMap<Aor, Vec<Binding>>,
     /// Total number of bindings, expired ones not yet dropped included.
     count: usize,
-    /// The id of the last applied entry.
-    last_applied: Option<ProposalId>,
+    /// The log index of the last applied entry (0: none, or no log).
+    applied_index: u64,
+    /// Recently applied proposal ids by proposer node, newest boot last.
+    seen: BTreeMap<u64, Vec<Seen>>,
     /// Confirmed calls by A-leg Call-ID.
     calls: BTreeMap<String, CallRecord>,
     /// CDRs of ended calls by A-leg Call-ID (no retention bound yet).
     cdrs: BTreeMap<String, Cdr>,
+    /// Keys changed since the last [`State::take_dirty`], when tracked.
+    #[serde(skip)]
+    dirty: Option<std::collections::BTreeSet<Key>>,
 }
 
 impl State {
@@ -375,19 +469,52 @@ impl State {
         State::default()
     }
 
-    /// The id of the last applied entry.
-    pub fn last_applied(&self) -> Option<ProposalId> {
-        self.last_applied
+    /// The log index of the last applied entry (0 before any, and always 0
+    /// for the single-node store, which has no log).
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
     }
 
-    /// Applies `entry` if its id is above the last applied one; an id at or
-    /// below it is a no-op ([`Applied::Duplicate`]), which makes replay safe.
-    /// Entries must be applied in id order.
+    /// Starts (or stops) recording the keys each apply changes, for
+    /// [`State::take_dirty`].
+    pub fn track_dirty(&mut self, on: bool) {
+        self.dirty = on.then(Default::default);
+    }
+
+    /// The keys changed since the last call (empty when not tracked).
+    pub fn take_dirty(&mut self) -> Vec<Key> {
+        self.dirty
+            .as_mut()
+            .map(|d| std::mem::take(d).into_iter().collect())
+            .unwrap_or_default()
+    }
+
+    fn touch(&mut self, key: impl FnOnce() -> Key) {
+        if let Some(d) = self.dirty.as_mut() {
+            d.insert(key());
+        }
+    }
+
+    /// Applies `entry` as the single-node store does: no log index, origin
+    /// [`Origin::LOCAL`]. See [`State::apply_at`].
     pub fn apply(&mut self, entry: &Entry) -> Applied {
-        if self.last_applied.is_some_and(|last| entry.id <= last) {
+        self.apply_at(0, Origin::LOCAL, entry)
+    }
+
+    /// Applies `entry`, found at log index `index` (0: not from a log) and
+    /// proposed by `origin`. An index at or below the last applied one, or a
+    /// proposal (origin and id) already applied, is a no-op
+    /// ([`Applied::Duplicate`]). Entries must come in log order.
+    pub fn apply_at(&mut self, index: u64, origin: Origin, entry: &Entry) -> Applied {
+        if index != 0 {
+            if index <= self.applied_index {
+                return Applied::Duplicate;
+            }
+            self.applied_index = index;
+        }
+        if !self.mark_seen(origin, entry.id) {
             return Applied::Duplicate;
         }
-        self.last_applied = Some(entry.id);
         // Work on copies of the touched AORs so a refused entry changes nothing.
         let mut work: BTreeMap<Aor, Vec<Binding>> = BTreeMap::new();
         let mut upserted = 0;
@@ -422,6 +549,7 @@ impl State {
             }
         }
         for (aor, list) in work {
+            self.touch(|| Key::Bindings(aor.clone()));
             let old = self.bindings.get(&aor).map_or(0, Vec::len);
             self.count = self.count - old + list.len();
             if list.is_empty() {
@@ -439,17 +567,91 @@ impl State {
         Applied::Done { upserted, removed }
     }
 
+    /// Records that `origin` applied proposal `id`; false if it already had.
+    fn mark_seen(&mut self, origin: Origin, id: ProposalId) -> bool {
+        let boots = self.seen.entry(origin.node).or_default();
+        let i = match boots.iter().position(|s| s.boot == origin.boot) {
+            Some(i) => i,
+            None => {
+                if boots.len() == BOOTS_KEPT {
+                    boots.remove(0);
+                }
+                boots.push(Seen::new(origin.boot));
+                boots.len() - 1
+            }
+        };
+        let fresh = boots[i].mark(id.0);
+        if fresh {
+            self.touch(|| Key::Seen(origin.node));
+        }
+        fresh
+    }
+
     fn apply_call(&mut self, cmd: &Command) {
         match cmd {
             Command::PutCall { call } if !self.cdrs.contains_key(&call.call_id) => {
+                self.touch(|| Key::Call(call.call_id.clone()));
                 self.calls.insert(call.call_id.clone(), (**call).clone());
             }
             Command::EndCall { call_id, cdr } => {
+                self.touch(|| Key::Call(call_id.clone()));
+                self.touch(|| Key::Cdr(call_id.clone()));
                 self.calls.remove(call_id);
                 self.cdrs.insert(call_id.clone(), cdr.clone());
             }
             _ => {}
         }
+    }
+
+    /// The stored value of `key` as JSON (`None`: the key is absent), for
+    /// the replica's state database.
+    pub fn export(&self, key: &Key) -> Option<Vec<u8>> {
+        let json = match key {
+            Key::Bindings(a) => self.bindings.get(a).map(serde_json::to_vec),
+            Key::Call(id) => self.calls.get(id).map(serde_json::to_vec),
+            Key::Cdr(id) => self.cdrs.get(id).map(serde_json::to_vec),
+            Key::Seen(n) => self.seen.get(n).map(serde_json::to_vec),
+        };
+        // Serializing these plain data types cannot fail.
+        json.and_then(Result::ok)
+    }
+
+    /// Sets `key` from a value [`State::export`] produced (used when loading
+    /// the state database); a value that does not decode is an error.
+    pub fn import(&mut self, key: Key, value: &[u8]) -> Result<(), serde_json::Error> {
+        match key {
+            Key::Bindings(a) => {
+                let list: Vec<Binding> = serde_json::from_slice(value)?;
+                let old = self.bindings.get(&a).map_or(0, Vec::len);
+                self.count = self.count - old + list.len();
+                self.bindings.insert(a, list);
+            }
+            Key::Call(id) => {
+                self.calls.insert(id, serde_json::from_slice(value)?);
+            }
+            Key::Cdr(id) => {
+                self.cdrs.insert(id, serde_json::from_slice(value)?);
+            }
+            Key::Seen(n) => {
+                self.seen.insert(n, serde_json::from_slice(value)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Every key the state holds (for writing it whole).
+    pub fn keys(&self) -> Vec<Key> {
+        let b = self.bindings.keys().map(|a| Key::Bindings(a.clone()));
+        let c = self.calls.keys().map(|id| Key::Call(id.clone()));
+        let d = self.cdrs.keys().map(|id| Key::Cdr(id.clone()));
+        let s = self.seen.keys().map(|n| Key::Seen(*n));
+        b.chain(c).chain(d).chain(s).collect()
+    }
+
+    /// Sets the log index of the last applied entry (when loading the state
+    /// database or installing a snapshot).
+    pub fn set_applied_index(&mut self, index: u64) {
+        self.applied_index = index;
     }
 
     /// The active call with A-leg Call-ID `call_id`.
@@ -530,9 +732,15 @@ impl State {
     /// [`Command::Expire`] instead so every replica drops the same bindings.
     pub fn expire(&mut self, now_unix: u64) -> usize {
         let mut gone = 0;
-        self.bindings.retain(|_, list| {
+        let dirty = &mut self.dirty;
+        self.bindings.retain(|aor, list| {
             let before = list.len();
             list.retain(|b| b.expires_at_unix > now_unix);
+            if list.len() != before
+                && let Some(d) = dirty.as_mut()
+            {
+                d.insert(Key::Bindings(aor.clone()));
+            }
             gone += before - list.len();
             !list.is_empty()
         });
@@ -809,18 +1017,75 @@ mod tests {
         let before = s.clone();
         assert_eq!(s.apply(&e), Applied::Duplicate);
         assert_eq!(s, before);
-        // An older id arriving late is a no-op too.
-        let old = entry(
-            0,
+        // A log index already applied is skipped whatever its proposal.
+        let clear = entry(
+            7,
             100,
             vec![Command::ClearAor {
                 aor: a.clone(),
                 seq: None,
             }],
         );
-        assert_eq!(s.apply(&old), Applied::Duplicate);
+        let o = Origin { node: 2, boot: 9 };
+        assert!(matches!(s.apply_at(5, o, &clear), Applied::Done { .. }));
+        s.apply_at(6, o, &e);
+        assert_eq!(s.apply_at(6, o, &e), Applied::Duplicate);
+        assert_eq!(s.apply_at(3, Origin::LOCAL, &e), Applied::Duplicate);
         assert_eq!(s.binding_count(), 1);
-        assert_eq!(s.last_applied(), Some(ProposalId(1)));
+        assert_eq!(s.applied_index(), 6);
+        // The same proposal re-proposed lands at a new index: skipped.
+        let before = s.clone();
+        assert_eq!(s.apply_at(8, o, &clear), Applied::Duplicate);
+        assert_eq!(s.bindings, before.bindings);
+    }
+
+    #[test]
+    fn dedup_window_tracks_ids_per_origin_and_boot() {
+        let mut w = Seen::new(1);
+        assert!(w.mark(5));
+        assert!(!w.mark(5));
+        assert!(w.mark(3), "an older id not yet applied is applied");
+        assert!(w.mark(5 + DEDUP_WINDOW - 1));
+        assert!(!w.mark(3), "ids below the window count as applied");
+        assert!(w.mark(10 * DEDUP_WINDOW));
+        assert!(!w.mark(10 * DEDUP_WINDOW));
+        assert!(
+            w.mark(10 * DEDUP_WINDOW - 1),
+            "its bit was cleared on the jump"
+        );
+        let mut s = State::new();
+        let e = entry(1, 10, vec![]);
+        for boot in 0..6 {
+            let o = Origin { node: 4, boot };
+            assert!(matches!(s.apply_at(0, o, &e), Applied::Done { .. }));
+            assert_eq!(s.apply_at(0, o, &e), Applied::Duplicate);
+        }
+        assert_eq!(s.seen[&4].len(), BOOTS_KEPT);
+    }
+
+    #[test]
+    fn dirty_keys_export_and_import_rebuild_the_state() {
+        let a = aor("sip:alice@sipzone.local");
+        let mut s = State::new();
+        s.track_dirty(true);
+        s.apply_at(
+            1,
+            Origin { node: 1, boot: 1 },
+            &entry(1, 100, vec![upsert(&a, binding("sip:a@h", 200, "c", 1))]),
+        );
+        let keys = s.take_dirty();
+        assert_eq!(keys, vec![Key::Bindings(a.clone()), Key::Seen(1)]);
+        let mut t = State::new();
+        for k in keys {
+            t.import(k.clone(), &s.export(&k).unwrap()).unwrap();
+        }
+        t.set_applied_index(s.applied_index());
+        t.track_dirty(true);
+        assert_eq!(t, s);
+        assert!(t.import(Key::Call("x".into()), b"not json").is_err());
+        s.expire(300);
+        assert_eq!(s.take_dirty(), vec![Key::Bindings(a.clone())]);
+        assert_eq!(s.export(&Key::Bindings(a)), None);
     }
 
     #[test]
@@ -867,7 +1132,6 @@ mod tests {
             Applied::Rejected(ApplyError::OutOfOrder { cseq: 6, .. })
         ));
         assert_eq!(s.bindings, before.bindings);
-        assert_eq!(s.last_applied(), Some(ProposalId(3)));
         // Another Call-ID may update whatever its CSeq.
         s.apply(&entry(
             4,
