@@ -9,6 +9,7 @@
 //! - [`registrar`]: RFC 3261 §10.3 registrar with digest auth and lockout, sans-IO.
 //! - [`b2bua`]: the B2BUA core (forking, relaying, call records), sans-IO.
 //! - [`replica`]: the Raft replica (raft-rs, redb log, sled state) behind the `Store`.
+//! - [`peer`]: the Raft transport between nodes (QUIC, mutual TLS).
 //! - [`driver`]: the tokio driver tying transports, transactions and cores together.
 #![forbid(unsafe_code)]
 
@@ -17,6 +18,7 @@ pub mod config;
 pub mod directory;
 pub mod driver;
 pub mod metrics;
+pub mod peer;
 pub mod registrar;
 pub mod replica;
 pub mod state;

@@ -66,7 +66,8 @@ pub fn key_from_pem(pem: &[u8]) -> Result<PrivateKeyDer<'static>, TransportError
     Ok(PrivateKeyDer::from_pem_slice(pem)?)
 }
 
-fn root_store(pem: &[u8]) -> Result<Arc<RootCertStore>, TransportError> {
+/// A root store holding every certificate in a PEM buffer.
+pub fn root_store(pem: &[u8]) -> Result<Arc<RootCertStore>, TransportError> {
     let mut roots = RootCertStore::empty();
     for cert in certs_from_pem(pem)? {
         roots.add(cert)?;
