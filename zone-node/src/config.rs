@@ -38,7 +38,8 @@ pub enum ConfigError {
 pub struct Config {
     /// This node.
     pub node: NodeConfig,
-    /// SIP listeners and limits.
+    /// SIP listeners and limits (a witness has none).
+    #[serde(default)]
     pub sip: SipConfig,
     /// Registrar parameters.
     #[serde(default)]
@@ -60,6 +61,54 @@ pub struct Config {
     /// A range of users with derived passwords, for local testing only.
     #[serde(default)]
     pub danger_test_users: Option<TestUsers>,
+    /// Raft replication with the other nodes of the region; absent, the node
+    /// keeps its state in memory alone.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: this node's Raft replica and its peers (DESIGN §7).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's Raft id: non-zero, unique in the region.
+    pub raft_id: u64,
+    /// Address of the QUIC listener for peers.
+    pub listen: SocketAddr,
+    /// The cluster CA certificate (PEM).
+    pub ca: PathBuf,
+    /// This node's certificate (PEM), signed by the cluster CA for the name
+    /// `sipzone-cluster`.
+    pub cert: PathBuf,
+    /// This node's private key (PEM).
+    pub key: PathBuf,
+    /// Raft ids of the initial voters, used only on the first start of a new
+    /// region (empty: join an existing region and wait for the leader).
+    #[serde(default)]
+    pub bootstrap: Vec<u64>,
+    /// Milliseconds per Raft tick (election after 10 ticks, heartbeat every 2).
+    #[serde(default = "default_tick_ms")]
+    pub tick_ms: u64,
+    /// The other members.
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+}
+
+fn default_tick_ms() -> u64 {
+    50
+}
+
+/// `[[cluster.peers]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// The peer's Raft id.
+    pub id: u64,
+    /// The peer's QUIC listener.
+    pub addr: SocketAddr,
+    /// The peer's zone label (informational: balancers and takeover use it).
+    #[serde(default)]
+    pub zone: String,
 }
 
 /// `[node]`
@@ -71,8 +120,23 @@ pub struct NodeConfig {
     /// Zone label (`a`, `b`).
     #[serde(default = "default_zone")]
     pub zone: String,
-    /// Directory for generated certificates and, later, the Raft data.
+    /// Directory for generated certificates and the Raft data.
     pub data_dir: PathBuf,
+    /// `switch` (registrar and B2BUA) or `witness` (a Raft voter with
+    /// storage and no SIP, the third failure domain of a region).
+    #[serde(default = "default_role")]
+    pub role: String,
+}
+
+fn default_role() -> String {
+    "switch".into()
+}
+
+impl NodeConfig {
+    /// True for a witness node.
+    pub fn is_witness(&self) -> bool {
+        self.role == "witness"
+    }
 }
 
 fn default_zone() -> String {
@@ -81,6 +145,7 @@ fn default_zone() -> String {
 
 /// `[sip]`
 #[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
 #[serde(deny_unknown_fields)]
 pub struct SipConfig {
     /// UDP listen addresses.
@@ -112,6 +177,22 @@ pub struct SipConfig {
     /// net.core.rmem_max); none keeps the system default.
     #[serde(default = "default_udp_recv_buffer")]
     pub udp_recv_buffer: Option<usize>,
+}
+
+impl Default for SipConfig {
+    fn default() -> SipConfig {
+        SipConfig {
+            udp: vec![],
+            tcp: vec![],
+            tls: vec![],
+            tls_cert: None,
+            tls_key: None,
+            max_message: default_max_message(),
+            max_connections: default_max_connections(),
+            max_transactions: default_max_transactions(),
+            udp_recv_buffer: default_udp_recv_buffer(),
+        }
+    }
 }
 
 fn default_max_transactions() -> usize {
@@ -336,6 +417,11 @@ impl Config {
         if let Some(p) = self.sip.tls_key.as_mut() {
             fix(p);
         }
+        if let Some(c) = self.cluster.as_mut() {
+            fix(&mut c.ca);
+            fix(&mut c.cert);
+            fix(&mut c.key);
+        }
     }
 
     /// Checks ranges and consistency.
@@ -350,7 +436,36 @@ impl Config {
         {
             return bad("node.id must be non-empty letters, digits or '-'");
         }
-        if self.sip.udp.is_empty() && self.sip.tcp.is_empty() && self.sip.tls.is_empty() {
+        if !matches!(self.node.role.as_str(), "switch" | "witness") {
+            return bad("node.role must be switch or witness");
+        }
+        if self.node.is_witness() && self.cluster.is_none() {
+            return bad("a witness needs a [cluster] section");
+        }
+        if let Some(c) = &self.cluster {
+            if c.raft_id == 0 {
+                return bad("cluster.raft_id must be non-zero");
+            }
+            if !(5..=1000).contains(&c.tick_ms) {
+                return bad("cluster.tick_ms must be within 5..=1000");
+            }
+            let mut ids: Vec<u64> = c.peers.iter().map(|p| p.id).collect();
+            ids.push(c.raft_id);
+            ids.sort_unstable();
+            if ids.contains(&0) || ids.windows(2).any(|w| w[0] == w[1]) {
+                return bad(
+                    "cluster: raft ids of the node and its peers must be non-zero and distinct",
+                );
+            }
+            if c.bootstrap.iter().any(|v| ids.binary_search(v).is_err()) {
+                return bad("cluster.bootstrap may only name this node and its peers");
+            }
+        }
+        if !self.node.is_witness()
+            && self.sip.udp.is_empty()
+            && self.sip.tcp.is_empty()
+            && self.sip.tls.is_empty()
+        {
             return bad("sip: at least one of udp, tcp, tls must list an address");
         }
         if self.sip.tls_cert.is_some() != self.sip.tls_key.is_some() {
@@ -458,6 +573,40 @@ secret_file = "data/secret"
             assert!(c.validate().is_err(), "{to} accepted");
         }
         let c: Config = toml::from_str(&format!("{MIN}[registrar]\nmin_expires = 7200\n")).unwrap();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn cluster_section_is_checked() {
+        let cluster = r#"
+[cluster]
+raft_id = 1
+listen = "127.0.0.1:7001"
+ca = "pki/ca.pem"
+cert = "pki/a1.pem"
+key = "pki/a1.key"
+bootstrap = [1, 2, 3]
+peers = [{ id = 2, addr = "127.0.0.1:7002", zone = "a" }, { id = 3, addr = "127.0.0.1:7003" }]
+"#;
+        let c: Config = toml::from_str(&format!("{MIN}{cluster}")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.cluster.as_ref().unwrap().tick_ms, 50);
+        for (from, to) in [
+            ("bootstrap = [1, 2, 3]", "bootstrap = [1, 9]"),
+            ("raft_id = 1", "raft_id = 2"),
+            ("raft_id = 1", "raft_id = 0"),
+        ] {
+            let c: Config = toml::from_str(&format!("{MIN}{}", cluster.replace(from, to))).unwrap();
+            assert!(c.validate().is_err(), "{to} accepted");
+        }
+        // A witness needs no SIP listener but does need the cluster.
+        let witness = MIN.replace("udp = [\"127.0.0.1:5060\"]", "").replace(
+            "data_dir = \"data\"",
+            "data_dir = \"data\"\nrole = \"witness\"",
+        );
+        let c: Config = toml::from_str(&format!("{witness}{cluster}")).unwrap();
+        c.validate().unwrap();
+        let c: Config = toml::from_str(&witness).unwrap();
         assert!(c.validate().is_err());
     }
 

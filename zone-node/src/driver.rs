@@ -21,9 +21,11 @@ use sip::txn::{Config as TxnConfig, Event, TxnKey};
 use tokio::sync::{mpsc, watch};
 
 use crate::b2bua::{self, B2bua, B2buaConfig, Now, Target};
+use crate::cluster::{NodeStore, run_witness};
 use crate::config::{Config, LogConfig};
 use crate::directory::Directory;
 use crate::metrics as m;
+use crate::peer::PeerEvent;
 use crate::registrar::{LockoutConfig, Outcome, Pending, Registrar, RegistrarConfig};
 use crate::state::{MemStore, ProposalId, Store};
 
@@ -63,7 +65,8 @@ fn unix_now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn unix_now() -> u64 {
+/// The current Unix second.
+pub fn unix_now() -> u64 {
     unix_now_ms() / 1000
 }
 
@@ -77,7 +80,7 @@ fn now() -> Now {
 
 /// A running node.
 pub struct Node {
-    transports: Transports,
+    transports: Option<Transports>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -89,6 +92,38 @@ impl Node {
         let rng = SystemRandom::new();
         std::fs::create_dir_all(&cfg.node.data_dir)
             .with_context(|| format!("creating {}", cfg.node.data_dir.display()))?;
+        let mut boot = [0u8; 8];
+        rng.fill(&mut boot).map_err(|_| anyhow!("no randomness"))?;
+        let boot = u64::from_le_bytes(boot);
+        let (store, peer_events) = match &cfg.cluster {
+            Some(c) => {
+                let (s, ev) = NodeStore::open_raft(c, &cfg.node.data_dir.join("raft"), boot)?;
+                (s, Some(ev))
+            }
+            None => (NodeStore::Mem(MemStore::default()), None),
+        };
+        let tick = Duration::from_millis(cfg.cluster.as_ref().map_or(50, |c| c.tick_ms));
+        if let Some(addr) = cfg.metrics.listen {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .with_http_listener(addr)
+                .install()
+                .with_context(|| format!("starting the metrics endpoint on {addr}"))?;
+        }
+        if cfg.node.is_witness() {
+            let (stop, stop_rx) = watch::channel(false);
+            let events = peer_events.ok_or_else(|| anyhow!("a witness needs [cluster]"))?;
+            let task = tokio::spawn(async move {
+                if let Err(e) = run_witness(store, events, tick, stop_rx).await {
+                    tracing::error!(error = %e, "witness stopped");
+                }
+            });
+            tracing::info!(node = %cfg.node.id, "witness running");
+            return Ok(Node {
+                transports: None,
+                stop,
+                task,
+            });
+        }
         let secret = load_or_create_secret(&cfg.auth.secret_file, &rng)?;
         let nonce_key = NonceKey::new(&secret).map_err(|e| anyhow!("nonce secret: {e}"))?;
 
@@ -145,13 +180,6 @@ impl Node {
             tc.tls_server = Some(tls::server_config(&cert, &key, None)?);
         }
         let (transports, incoming) = Transports::bind(tc).await?;
-
-        if let Some(addr) = cfg.metrics.listen {
-            metrics_exporter_prometheus::PrometheusBuilder::new()
-                .with_http_listener(addr)
-                .install()
-                .with_context(|| format!("starting the metrics endpoint on {addr}"))?;
-        }
 
         let mut seed = [0u8; 8];
         rng.fill(&mut seed).map_err(|_| anyhow!("no randomness"))?;
@@ -223,27 +251,30 @@ impl Node {
                 .as_ref()
                 .map(|o| Flow::to(o.transport_kind(), o.next_hop)),
             next_id: 1,
-            store: MemStore::default(),
+            store,
             rng,
             pending: HashMap::new(),
             reported: (0, 0),
         };
-        let task = tokio::spawn(core.run(events, stop_rx));
+        let task = tokio::spawn(core.run(events, peer_events, tick, stop_rx));
         for t in [Transport::Udp, Transport::Tcp, Transport::Tls] {
             for a in transports.local_addrs(t) {
                 tracing::info!(transport = %t, addr = %a, node = %cfg.node.id, "listening");
             }
         }
         Ok(Node {
-            transports,
+            transports: Some(transports),
             stop,
             task,
         })
     }
 
-    /// The bound addresses of `transport`.
+    /// The bound addresses of `transport` (none on a witness).
     pub fn local_addrs(&self, transport: Transport) -> Vec<SocketAddr> {
-        self.transports.local_addrs(transport)
+        self.transports
+            .as_ref()
+            .map(|t| t.local_addrs(transport))
+            .unwrap_or_default()
     }
 
     /// Stops the request loop and closes the transports.
@@ -288,7 +319,7 @@ struct Core {
     /// Node-wide proposal ids: every entry is numbered here, whichever core
     /// made it, so the state applies them in order.
     next_id: u64,
-    store: MemStore,
+    store: NodeStore,
     rng: SystemRandom,
     /// Requests waiting for their proposal to commit.
     pending: HashMap<ProposalId, (TxnKey, Pending)>,
@@ -297,9 +328,23 @@ struct Core {
 }
 
 impl Core {
-    async fn run(mut self, mut events: mpsc::Receiver<Event>, mut stop: watch::Receiver<bool>) {
+    async fn run(
+        mut self,
+        mut events: mpsc::Receiver<Event>,
+        mut peer_events: Option<mpsc::Receiver<PeerEvent>>,
+        raft_tick: Duration,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut raft_ticker = tokio::time::interval(raft_tick);
+        let replicated = peer_events.is_some();
         loop {
+            let peer_event = async {
+                match peer_events.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             let deadline = self.b2bua.poll_timeout();
             let b2b_timer = async {
                 match deadline {
@@ -317,9 +362,44 @@ impl Core {
                     self.drain_b2bua().await;
                 }
                 _ = tick.tick() => self.housekeeping(),
+                _ = raft_ticker.tick(), if replicated => self.store.tick(),
+                ev = peer_event => match ev {
+                    Some(ev) => self.store.peer_event(ev),
+                    None => break,
+                },
                 _ = stop.changed() => break,
             }
+            if let Err(e) = self.progress().await {
+                // A replica that cannot persist must not vote or acknowledge.
+                tracing::error!(error = %e, "raft replica failed: node stops");
+                break;
+            }
         }
+        self.store.close();
+    }
+
+    /// Runs the store's Ready loop and answers the requests whose proposals
+    /// committed (or were given up: 503).
+    async fn progress(&mut self) -> Result<()> {
+        let p = self.store.process()?;
+        for id in p.committed {
+            if let Some((key, pending)) = self.pending.remove(&id) {
+                let resp = self.registrar.committed(pending, self.store.state());
+                self.respond(key, resp).await;
+            }
+        }
+        for id in p.dropped {
+            metrics::counter!(m::PROPOSALS_DROPPED).increment(1);
+            if let Some((key, pending)) = self.pending.remove(&id) {
+                let tag = hex::encode(self.random());
+                let resp = pending
+                    .request()
+                    .response(503, "Service Unavailable (not replicated)", Some(&tag))
+                    .with(HeaderName::RetryAfter, "1");
+                self.respond(key, resp).await;
+            }
+        }
+        Ok(())
     }
 
     fn random(&self) -> [u8; 8] {
@@ -330,7 +410,9 @@ impl Core {
 
     fn housekeeping(&mut self) {
         let now = unix_now();
-        self.store.expire(now);
+        let id = ProposalId(self.next_id);
+        self.next_id += 1;
+        self.store.expire(now, id);
         self.registrar.purge(now);
         metrics::gauge!(m::REGISTRATIONS).set(self.store.state().binding_count() as f64);
     }
@@ -518,12 +600,6 @@ impl Core {
             Outcome::Propose { entry, pending } => {
                 let id = self.propose(entry);
                 self.pending.insert(id, (key, pending));
-                for id in self.store.take_committed() {
-                    if let Some((key, pending)) = self.pending.remove(&id) {
-                        let resp = self.registrar.committed(pending, self.store.state());
-                        self.respond(key, resp).await;
-                    }
-                }
             }
         }
     }

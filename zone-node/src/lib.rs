@@ -10,10 +10,12 @@
 //! - [`b2bua`]: the B2BUA core (forking, relaying, call records), sans-IO.
 //! - [`replica`]: the Raft replica (raft-rs, redb log, sled state) behind the `Store`.
 //! - [`peer`]: the Raft transport between nodes (QUIC, mutual TLS).
+//! - [`cluster`]: the node's store (in memory, or the replica and its transport).
 //! - [`driver`]: the tokio driver tying transports, transactions and cores together.
 #![forbid(unsafe_code)]
 
 pub mod b2bua;
+pub mod cluster;
 pub mod config;
 pub mod directory;
 pub mod driver;

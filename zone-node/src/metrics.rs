@@ -13,3 +13,9 @@ pub const ACTIVE_CALLS: &str = "sipzone_node_active_calls";
 pub const AUTH_FAILURES: &str = "sipzone_node_auth_failures_total";
 /// Requests refused because a user or source is locked out, by `scope`.
 pub const LOCKOUTS: &str = "sipzone_node_lockouts_total";
+/// The current Raft term (gauge).
+pub const RAFT_TERM: &str = "sipzone_node_raft_term";
+/// 1 while this node is the Raft leader (gauge).
+pub const RAFT_IS_LEADER: &str = "sipzone_node_raft_is_leader";
+/// Proposals given up after their retries.
+pub const PROPOSALS_DROPPED: &str = "sipzone_node_proposals_dropped_total";

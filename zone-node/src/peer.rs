@@ -83,10 +83,12 @@ fn quic_configs(id: &Identity) -> Result<(quinn::ServerConfig, quinn::ClientConf
     let chain = tls::certs_from_pem(&id.cert_pem).map_err(tls_err)?;
     let key = tls::key_from_pem(&id.key_pem).map_err(tls_err)?;
     let roots = tls::root_store(&id.ca_pem).map_err(tls_err)?;
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-            .build()
-            .map_err(tls_err)?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        roots.clone(),
+        provider.clone(),
+    )
+    .build()
+    .map_err(tls_err)?;
     let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
@@ -144,8 +146,11 @@ impl Peers {
         addrs: HashMap<u64, SocketAddr>,
     ) -> Result<(Peers, mpsc::Receiver<PeerEvent>), PeerError> {
         let (sc, cc) = quic_configs(identity)?;
-        let mut endpoint = quinn::Endpoint::server(sc, listen)
-            .map_err(|source| PeerError::Bind { addr: listen, source })?;
+        let mut endpoint =
+            quinn::Endpoint::server(sc, listen).map_err(|source| PeerError::Bind {
+                addr: listen,
+                source,
+            })?;
         endpoint.set_default_client_config(cc);
         let (tx, rx) = mpsc::channel(QUEUE);
         let refused = Arc::new(Refused::default());
@@ -195,7 +200,9 @@ impl Peers {
 
     /// Connections refused in the handshake so far.
     pub fn refused(&self) -> u64 {
-        self.refused.count.load(std::sync::atomic::Ordering::Relaxed)
+        self.refused
+            .count
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Waits until a connection is refused after this call.
@@ -227,7 +234,10 @@ async fn peer_task(
     let mut backoff = Duration::from_millis(100);
     let mut conn: Option<(quinn::Connection, quinn::SendStream)> = None;
     while let Some(msg) = queue.recv().await {
-        if conn.as_ref().is_some_and(|(c, _)| c.close_reason().is_some()) {
+        if conn
+            .as_ref()
+            .is_some_and(|(c, _)| c.close_reason().is_some())
+        {
             conn = None;
         }
         if conn.is_none() {
@@ -405,7 +415,10 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
-        assert!(got.iter().any(|m| m.get_msg_type() == MessageType::MsgHeartbeat));
+        assert!(
+            got.iter()
+                .any(|m| m.get_msg_type() == MessageType::MsgHeartbeat)
+        );
         let snap = got
             .iter()
             .find(|m| m.get_msg_type() == MessageType::MsgSnapshot)

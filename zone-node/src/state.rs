@@ -716,6 +716,14 @@ impl State {
         out
     }
 
+    /// True when some stored binding is expired at `now_unix`.
+    pub fn has_expired(&self, now_unix: u64) -> bool {
+        self.bindings
+            .values()
+            .flatten()
+            .any(|b| b.expires_at_unix <= now_unix)
+    }
+
     /// Number of stored bindings, expired ones not yet dropped included.
     pub fn binding_count(&self) -> usize {
         self.count

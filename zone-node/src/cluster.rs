@@ -1,0 +1,248 @@
+//! The node's store: in memory alone, or the Raft replica with its peer
+//! transport (DESIGN §7). The request loop of [`crate::driver`] owns it and
+//! calls [`NodeStore::tick`], [`NodeStore::peer_event`] and
+//! [`NodeStore::process`]; a witness runs only this ([`run_witness`]).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::ClusterConfig;
+use crate::peer::{Identity, PeerEvent, Peers};
+use crate::replica::redb_disk::RedbDisk;
+use crate::replica::statedb::SledStateDb;
+use crate::replica::{Output, Replica, ReplicaConfig};
+use crate::state::{Command, Entry, MemStore, ProposalId, State, Store};
+
+/// The replica as a node runs it.
+pub type NodeReplica = Replica<RedbDisk, SledStateDb>;
+
+/// The Raft side of a node: replica and transport.
+#[derive(Debug)]
+pub struct Raft {
+    replica: NodeReplica,
+    peers: Peers,
+    leader: u64,
+}
+
+/// Where a node's cores send their entries.
+#[derive(Debug)]
+pub enum NodeStore {
+    /// A node alone: applied at once, kept in memory.
+    Mem(MemStore),
+    /// A replica of the region's Raft group.
+    Raft(Box<Raft>),
+}
+
+/// What [`NodeStore::process`] reports to the request loop.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Own proposals committed (and applied) since the last call.
+    pub committed: Vec<ProposalId>,
+    /// Own proposals given up after their retries.
+    pub dropped: Vec<ProposalId>,
+}
+
+impl NodeStore {
+    /// Opens the Raft replica under `data_dir` and starts its transport.
+    pub fn open_raft(
+        cfg: &ClusterConfig,
+        data_dir: &std::path::Path,
+        boot: u64,
+    ) -> Result<(NodeStore, mpsc::Receiver<PeerEvent>)> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+        };
+        let identity = Identity {
+            ca_pem: read(&cfg.ca)?,
+            cert_pem: read(&cfg.cert)?,
+            key_pem: read(&cfg.key)?,
+        };
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating {}", data_dir.display()))?;
+        let disk = RedbDisk::open(&data_dir.join("raft.redb"))?;
+        let statedb = SledStateDb::open(&data_dir.join("state.sled"))?;
+        let replica = Replica::open(
+            ReplicaConfig::new(cfg.raft_id),
+            disk,
+            statedb,
+            boot,
+            &cfg.bootstrap,
+        )?;
+        let addrs: HashMap<u64, _> = cfg.peers.iter().map(|p| (p.id, p.addr)).collect();
+        let (peers, events) = Peers::start(cfg.listen, &identity, addrs)?;
+        tracing::info!(
+            raft_id = cfg.raft_id,
+            listen = %cfg.listen,
+            applied = replica.state().applied_index(),
+            "raft replica open"
+        );
+        Ok((
+            NodeStore::Raft(Box::new(Raft {
+                replica,
+                peers,
+                leader: 0,
+            })),
+            events,
+        ))
+    }
+
+    /// The replica, when replicated.
+    pub fn replica(&self) -> Option<&NodeReplica> {
+        match self {
+            NodeStore::Raft(r) => Some(&r.replica),
+            NodeStore::Mem(_) => None,
+        }
+    }
+
+    /// One Raft tick (no-op in memory).
+    pub fn tick(&mut self) {
+        if let NodeStore::Raft(r) = self {
+            r.replica.tick();
+        }
+    }
+
+    /// Feeds what the transport received.
+    pub fn peer_event(&mut self, ev: PeerEvent) {
+        if let NodeStore::Raft(r) = self {
+            match ev {
+                PeerEvent::Message(m) => r.replica.step(*m),
+                PeerEvent::Unreachable(id) => r.replica.report_unreachable(id),
+                PeerEvent::Snapshot(id, ok) => r.replica.report_snapshot(id, ok),
+            }
+        }
+    }
+
+    /// Housekeeping of expired bindings: in memory they are dropped at once;
+    /// a replicated leader proposes [`Command::Expire`] so every replica
+    /// drops the same ones. `id` numbers that proposal.
+    pub fn expire(&mut self, now_unix: u64, id: ProposalId) {
+        match self {
+            NodeStore::Mem(m) => {
+                m.expire(now_unix);
+            }
+            NodeStore::Raft(r) => {
+                if r.replica.is_leader() && r.replica.state().has_expired(now_unix) {
+                    r.replica.propose(Entry {
+                        id,
+                        at_unix: now_unix,
+                        cmds: vec![Command::Expire { now_unix }],
+                    });
+                }
+            }
+        }
+    }
+
+    /// Runs the Ready loop and sends what it produced; returns the commits
+    /// of own proposals. An error means the replica cannot persist: the
+    /// node must stop.
+    pub fn process(&mut self) -> Result<Progress> {
+        match self {
+            NodeStore::Mem(m) => Ok(Progress {
+                committed: m.take_committed(),
+                dropped: vec![],
+            }),
+            NodeStore::Raft(r) => {
+                r.replica.process()?;
+                while let Some(o) = r.replica.poll_output() {
+                    match o {
+                        Output::Send(msg) => r.peers.send(msg),
+                        Output::Role { leader, term } => {
+                            if leader != r.leader {
+                                tracing::info!(leader, term, "raft leader");
+                                r.leader = leader;
+                            }
+                            metrics::gauge!(crate::metrics::RAFT_TERM).set(term as f64);
+                            metrics::gauge!(crate::metrics::RAFT_IS_LEADER)
+                                .set(f64::from(u8::from(leader == r.replica.id())));
+                        }
+                        Output::ConfChanged { conf, context } => {
+                            if let Ok(m) = serde_json::from_slice::<Member>(&context) {
+                                r.peers.set_addr(m.id, m.addr);
+                            }
+                            tracing::info!(voters = ?conf.voters, "membership");
+                        }
+                        Output::ReadReady(_) | Output::ReadFailed(_) => {}
+                    }
+                }
+                Ok(Progress {
+                    committed: r.replica.take_committed(),
+                    dropped: r.replica.take_dropped(),
+                })
+            }
+        }
+    }
+
+    /// Closes the transport.
+    pub fn close(&self) {
+        if let NodeStore::Raft(r) = self {
+            r.peers.close();
+        }
+    }
+}
+
+/// A member as a membership change announces it (the change's context).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Member {
+    /// Raft id.
+    pub id: u64,
+    /// QUIC listener.
+    pub addr: std::net::SocketAddr,
+    /// Zone label.
+    pub zone: String,
+}
+
+impl Store for NodeStore {
+    fn propose(&mut self, entry: Entry) {
+        match self {
+            NodeStore::Mem(m) => m.propose(entry),
+            NodeStore::Raft(r) => r.replica.propose(entry),
+        }
+    }
+
+    fn state(&self) -> &State {
+        match self {
+            NodeStore::Mem(m) => m.state(),
+            NodeStore::Raft(r) => r.replica.state(),
+        }
+    }
+
+    fn take_committed(&mut self) -> Vec<ProposalId> {
+        match self {
+            NodeStore::Mem(m) => m.take_committed(),
+            NodeStore::Raft(r) => r.replica.take_committed(),
+        }
+    }
+}
+
+/// The loop of a witness: a Raft voter with storage and no SIP. Returns
+/// when `stop` changes, or with the error that made the replica unusable.
+pub async fn run_witness(
+    mut store: NodeStore,
+    mut events: mpsc::Receiver<PeerEvent>,
+    tick: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let mut ticker = tokio::time::interval(tick);
+    let mut next_id = 1;
+    let mut expire = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => store.tick(),
+            ev = events.recv() => match ev {
+                Some(ev) => store.peer_event(ev),
+                None => break,
+            },
+            _ = expire.tick() => {
+                store.expire(crate::driver::unix_now(), ProposalId(next_id));
+                next_id += 1;
+            }
+            _ = stop.changed() => break,
+        }
+        store.process()?;
+    }
+    store.close();
+    Ok(())
+}

@@ -1,0 +1,357 @@
+//! A region on loopback: zone A (a1, a2), zone B (b1, b2) and a witness, one
+//! Raft group over QUIC. Registrations through one zone serve calls through
+//! the other; the leader can be SIGKILLed and writes resume. Bounded in count
+//! and time; talks to 127.0.0.1 only.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use sip::flow::{Flow, Transport};
+use sip::msg::Method;
+use testkit::net::{addr, free_port};
+use testkit::pki::Ca;
+use testkit::proc::Proc;
+use testkit::ua::{Ua, UaConfig};
+
+const REALM: &str = "sipzone.local";
+
+/// (name, raft id, zone, witness)
+const MEMBERS: [(&str, u64, &str, bool); 5] = [
+    ("a1", 1, "a", false),
+    ("a2", 2, "a", false),
+    ("b1", 3, "b", false),
+    ("b2", 4, "b", false),
+    ("w", 5, "w", true),
+];
+
+struct Member {
+    name: &'static str,
+    proc: Option<Proc>,
+    sip: SocketAddr,
+    metrics: SocketAddr,
+    config: PathBuf,
+    witness: bool,
+}
+
+struct Region {
+    dir: PathBuf,
+    members: Vec<Member>,
+}
+
+impl Region {
+    /// Writes the PKI and the configs of a new region under the test's
+    /// directory and starts every member.
+    fn start(name: &str) -> Region {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join("region")
+            .join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        let pki = dir.join("pki");
+        std::fs::create_dir_all(&pki).unwrap();
+        let ca = Ca::new("sipzone test cluster").unwrap();
+        ca.write_ca(&pki).unwrap();
+        // One digest nonce secret for the region: any node verifies any nonce.
+        std::fs::write(dir.join("secret"), "5a".repeat(32)).unwrap();
+        let ports: Vec<(u16, u16, u16)> = MEMBERS
+            .iter()
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
+        let mut members = vec![];
+        for (i, (name, id, zone, witness)) in MEMBERS.iter().enumerate() {
+            ca.issue(&["sipzone-cluster"])
+                .unwrap()
+                .write(&pki, name)
+                .unwrap();
+            let (sip, raft, metrics) = ports[i];
+            let peers: Vec<String> = MEMBERS
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(j, (_, pid, pzone, _))| {
+                    format!(
+                        "{{ id = {pid}, addr = \"127.0.0.1:{}\", zone = \"{pzone}\" }}",
+                        ports[j].1
+                    )
+                })
+                .collect();
+            let sip_section = if *witness {
+                String::new()
+            } else {
+                format!("[sip]\nudp = [\"127.0.0.1:{sip}\"]\ntcp = [\"127.0.0.1:{sip}\"]\n")
+            };
+            let role = if *witness { "witness" } else { "switch" };
+            let cfg = format!(
+                r#"
+[node]
+id = "{name}"
+zone = "{zone}"
+role = "{role}"
+data_dir = "data-{name}"
+{sip_section}
+[auth]
+realm = "{REALM}"
+secret_file = "secret"
+algorithms = ["MD5", "SHA-256"]
+[metrics]
+listen = "127.0.0.1:{metrics}"
+[log]
+format = "text"
+level = "info,raft=warn"
+[danger_test_users]
+first = 1000
+last = 1999
+password_prefix = "pw"
+[cluster]
+raft_id = {id}
+listen = "127.0.0.1:{raft}"
+ca = "pki/ca.pem"
+cert = "pki/{name}.pem"
+key = "pki/{name}.key"
+bootstrap = [1, 2, 3, 4, 5]
+peers = [{peers}]
+"#,
+                peers = peers.join(", ")
+            );
+            let config = dir.join(format!("{name}.toml"));
+            std::fs::write(&config, cfg).unwrap();
+            members.push(Member {
+                name,
+                proc: None,
+                sip: addr(sip),
+                metrics: addr(metrics),
+                config,
+                witness: *witness,
+            });
+        }
+        let mut region = Region { dir, members };
+        for i in 0..region.members.len() {
+            region.spawn(i);
+        }
+        region
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let m = &mut self.members[i];
+        let log = self.dir.join(format!("{}.log", m.name));
+        m.proc = Some(
+            Proc::spawn(
+                m.name,
+                Command::new(env!("CARGO_BIN_EXE_sipzone-node"))
+                    .arg("--config")
+                    .arg(&m.config),
+                &log,
+            )
+            .unwrap(),
+        );
+    }
+
+    fn member(&self, name: &str) -> &Member {
+        self.members.iter().find(|m| m.name == name).unwrap()
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// SIGKILLs a member (its data directory stays).
+    fn kill(&mut self, name: &str) {
+        let m = self.members.iter_mut().find(|m| m.name == name).unwrap();
+        drop(m.proc.take());
+    }
+
+    /// The member that reports itself leader, if exactly one does.
+    fn leader(&self) -> Option<&'static str> {
+        let leaders: Vec<&'static str> = self
+            .members
+            .iter()
+            .filter(|m| m.proc.is_some())
+            .filter(|m| metric(m.metrics, "sipzone_node_raft_is_leader") == Some(1.0))
+            .map(|m| m.name)
+            .collect();
+        (leaders.len() == 1).then(|| leaders[0])
+    }
+}
+
+/// The value of the first sample of `name` on a `/metrics` endpoint.
+fn metric(at: SocketAddr, name: &str) -> Option<f64> {
+    let mut s = TcpStream::connect(at).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.lines()
+        .find(|l| l.starts_with(name) && !l.starts_with('#'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn ua(user: &str) -> Ua {
+    Ua::start(UaConfig {
+        transport: sip::transport::TransportConfig {
+            udp: vec![addr(0)],
+            ..Default::default()
+        },
+        user: user.into(),
+        credentials: Some((user.into(), format!("pw{user}"))),
+        ..UaConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// Registers `user` through `node` until it gets 200 (a region without a
+/// leader yet answers 503), at most `tries` times; returns the last status.
+async fn register_until_ok(ua: &Ua, node: SocketAddr, user: &str, tries: usize) -> u16 {
+    let flow = Flow::to(Transport::Udp, node);
+    let mut last = 0;
+    for _ in 0..tries {
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            ua.register(flow, REALM, user, &format!("pw{user}"), 600),
+        )
+        .await
+        {
+            Ok(Ok(r)) => {
+                last = r.status().unwrap_or(0);
+                if last == 200 {
+                    return 200;
+                }
+            }
+            _ => last = 408,
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    last
+}
+
+/// Waits until every running switch answers OPTIONS.
+async fn wait_ready(region: &Region) {
+    let probe = ua("1999").await;
+    for m in region.members.iter().filter(|m| !m.witness) {
+        let flow = Flow::to(Transport::Udp, m.sip);
+        let ok = async {
+            for _ in 0..50 {
+                let req = probe.out_of_dialog(Method::Options, &format!("sip:{REALM}"), flow);
+                if let Ok(Ok(r)) =
+                    tokio::time::timeout(Duration::from_millis(500), probe.request(flow, req)).await
+                    && r.status() == Some(200)
+                {
+                    return true;
+                }
+            }
+            false
+        }
+        .await;
+        assert!(ok, "{} not ready; log:\n{}", m.name, region.log(m.name));
+    }
+}
+
+/// Polls `/metrics` of `node` until `name` equals `want` (bounded).
+async fn wait_metric(at: SocketAddr, name: &str, want: f64) -> bool {
+    for _ in 0..100 {
+        if metric(at, name) == Some(want) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[test]
+fn registration_through_zone_a_serves_a_call_through_zone_b() {
+    let region = Region::start("cross-zone");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        wait_ready(&region).await;
+        let callee = ua("1002").await;
+        let a1 = region.member("a1").sip;
+        let st = register_until_ok(&callee, a1, "1002", 50).await;
+        assert_eq!(st, 200, "a1 log:\n{}", region.log("a1"));
+        // The binding is replicated to every switch.
+        for name in ["a2", "b1", "b2"] {
+            assert!(
+                wait_metric(
+                    region.member(name).metrics,
+                    "sipzone_node_registrations",
+                    1.0
+                )
+                .await,
+                "{name} did not apply the registration"
+            );
+        }
+        let caller = ua("1000").await;
+        let b2 = Flow::to(Transport::Udp, region.member("b2").sip);
+        let r = caller
+            .call(&format!("sip:1002@{REALM}"), b2, Duration::from_millis(100))
+            .await
+            .unwrap();
+        assert_eq!(r.invite_status, 200, "b2 log:\n{}", region.log("b2"));
+        assert_eq!(r.bye_status, Some(200));
+        assert_eq!(callee.stats().answered, 1);
+    });
+}
+
+#[test]
+fn leader_sigkill_writes_resume_and_nothing_acknowledged_is_lost() {
+    let mut region = Region::start("leader-kill");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        wait_ready(&region).await;
+        let dev = ua("1100").await;
+        assert_eq!(
+            register_until_ok(&dev, region.member("a1").sip, "1100", 50).await,
+            200
+        );
+    });
+    let mut leader = None;
+    for _ in 0..100 {
+        leader = region.leader();
+        if leader.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let leader = leader.expect("one leader");
+    let survivor = region
+        .members
+        .iter()
+        .find(|m| !m.witness && m.name != leader)
+        .map(|m| (m.name, m.sip, m.metrics))
+        .unwrap();
+    let killed_at = Instant::now();
+    region.kill(leader);
+    rt.block_on(async {
+        let dev = ua("1101").await;
+        let st = register_until_ok(&dev, survivor.1, "1101", 100).await;
+        println!(
+            "leader {leader} SIGKILLed: a registration through {} committed {:?} later",
+            survivor.0,
+            killed_at.elapsed()
+        );
+        assert_eq!(st, 200, "{} log:\n{}", survivor.0, region.log(survivor.0));
+        // The registration acknowledged before the kill is still there.
+        assert!(wait_metric(survivor.2, "sipzone_node_registrations", 2.0).await);
+    });
+    // The killed leader restarts over its data and catches up.
+    let i = region
+        .members
+        .iter()
+        .position(|m| m.name == leader)
+        .unwrap();
+    region.spawn(i);
+    let m = &region.members[i];
+    if !m.witness {
+        let at = m.metrics;
+        rt.block_on(async {
+            assert!(
+                wait_metric(at, "sipzone_node_registrations", 2.0).await,
+                "restarted {leader} did not catch up; log:\n{}",
+                region.log(leader)
+            );
+        });
+    }
+}
