@@ -51,6 +51,8 @@ pub struct UaStats {
     pub retransmitted_2xx: u64,
     /// 200s given up on after 64*T1 without an ACK.
     pub unacked: u64,
+    /// Out-of-dialog MESSAGEs answered 200 by the UAS side.
+    pub messages: u64,
 }
 
 /// Settings of a UA.
@@ -153,6 +155,8 @@ struct Inner {
     acks: Mutex<HashMap<String, (Flow, Message)>>,
     /// UAS: confirmed or early dialogs per Call-ID.
     uas: Mutex<HashMap<String, Uas2xx>>,
+    /// UAS: out-of-dialog MESSAGEs received, in order.
+    messages: Mutex<Vec<Message>>,
     stats: Mutex<UaStats>,
 }
 
@@ -190,6 +194,7 @@ impl Ua {
             waiters: Mutex::new(HashMap::new()),
             acks: Mutex::new(HashMap::new()),
             uas: Mutex::new(HashMap::new()),
+            messages: Mutex::new(Vec::new()),
             stats: Mutex::new(UaStats::default()),
         });
         tokio::spawn(event_loop(Arc::downgrade(&inner), events));
@@ -304,6 +309,22 @@ impl Ua {
         };
         inner.forget(&key);
         r
+    }
+
+    /// Like [`Ua::request`], answering one 401/407 with the UA's
+    /// credentials (next CSeq, new branch, RFC 3261 §22.2).
+    pub async fn request_authenticated(&self, next_hop: Flow, msg: Message) -> Result<Message> {
+        let first = self.request(next_hop, msg.clone()).await?;
+        if !matches!(first.status(), Some(401 | 407)) || self.inner.credentials.is_none() {
+            return Ok(first);
+        }
+        let again = self.inner.with_credentials(&msg, &first, next_hop)?;
+        self.request(next_hop, again).await
+    }
+
+    /// The out-of-dialog MESSAGEs the UAS side received so far.
+    pub fn messages(&self) -> Vec<Message> {
+        lock(&self.inner.messages).clone()
     }
 
     /// Registers `user@domain` with the registrar at `next_hop`, answering
@@ -469,8 +490,9 @@ impl Inner {
         })
     }
 
-    /// `invite` again, answering the 401/407 `challenge` with the UA's
-    /// credentials: next CSeq, new branch (RFC 3261 §22.2).
+    /// `invite` (or another request) again, answering the 401/407
+    /// `challenge` with the UA's credentials: next CSeq, new branch (RFC
+    /// 3261 §22.2).
     fn with_credentials(
         &self,
         invite: &Message,
@@ -493,12 +515,13 @@ impl Inner {
             .context("challenge without a header")?;
         let ch = Challenge::parse(ch).map_err(|e| anyhow!("bad challenge: {e}"))?;
         let uri = invite.request_uri_str().context("no Request-URI")?;
-        let value = respond(&ch, "INVITE", uri, user, password, &self.token(), 1)
+        let method = invite.method().context("not a request")?;
+        let value = respond(&ch, method.as_str(), uri, user, password, &self.token(), 1)
             .map_err(|e| anyhow!("cannot answer the challenge: {e}"))?;
         let seq = invite.cseq().map_err(|e| anyhow!("{e}"))?.seq + 1;
         let mut again = invite.clone();
         again.set(HeaderName::Via, &self.via(flow));
-        again.set(HeaderName::CSeq, &format!("{seq} INVITE"));
+        again.set(HeaderName::CSeq, &format!("{seq} {method}"));
         again.push(Header::new(auth_name, &value));
         Ok(again)
     }
@@ -612,6 +635,16 @@ async fn serve(inner: &Arc<Inner>, key: TxnKey, flow: Flow, req: Message) {
     let result = match method {
         Method::Invite if !in_dialog => answer_invite(inner, key, flow, &req).await,
         Method::Invite => reinvite(inner, key, flow, &req).await,
+        Method::Message if !in_dialog => {
+            lock(&inner.messages).push(req.clone());
+            inner.bump(|s| s.messages += 1);
+            let r = req.response(200, "OK", Some(&inner.token()));
+            inner
+                .endpoint
+                .send_response(key, r)
+                .await
+                .map_err(Into::into)
+        }
         Method::Bye => {
             let known = req
                 .call_id()

@@ -46,6 +46,9 @@ pub struct Config {
     pub registrar: RegistrarSection,
     /// Digest authentication and lockout.
     pub auth: AuthConfig,
+    /// Call handling (session timers).
+    #[serde(default)]
+    pub b2bua: B2buaSection,
     /// Prometheus endpoint.
     #[serde(default)]
     pub metrics: MetricsConfig,
@@ -250,6 +253,36 @@ fn default_max_contacts() -> usize {
     10
 }
 
+/// `[b2bua]`: call handling.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct B2buaSection {
+    /// Session interval (RFC 4028 Session-Expires) asked for on both legs
+    /// when the caller asks for none or a longer one, seconds.
+    #[serde(default = "default_session_expires")]
+    pub session_expires: u32,
+    /// Smallest session interval accepted (RFC 4028 Min-SE); a caller
+    /// asking for less gets 422. At least 90 (RFC 4028 §4), seconds.
+    #[serde(default = "default_min_se")]
+    pub min_se: u32,
+}
+
+impl Default for B2buaSection {
+    fn default() -> Self {
+        B2buaSection {
+            session_expires: default_session_expires(),
+            min_se: default_min_se(),
+        }
+    }
+}
+
+fn default_session_expires() -> u32 {
+    1800
+}
+fn default_min_se() -> u32 {
+    90
+}
+
 /// `[auth]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -267,7 +300,7 @@ pub struct AuthConfig {
     /// read the first challenge and know only MD5.
     #[serde(default = "default_algorithms")]
     pub algorithms: Vec<String>,
-    /// Let initial INVITEs through without digest authentication of the
+    /// Let initial INVITEs and MESSAGEs through without digest authentication of the
     /// caller. Unsafe anywhere but a bench: anyone who reaches the node can
     /// call its users.
     #[serde(default)]
@@ -490,6 +523,10 @@ impl Config {
         if r.max_contacts_per_aor == 0 {
             return bad("registrar.max_contacts_per_aor must be at least 1");
         }
+        let b = &self.b2bua;
+        if b.min_se < 90 || b.min_se > b.session_expires || b.session_expires > 86_400 {
+            return bad("b2bua: need 90 <= min_se <= session_expires <= 86400");
+        }
         if self.auth.realm.is_empty() || self.auth.realm.contains(['"', '\\']) {
             return bad("auth.realm must be non-empty without quotes or backslashes");
         }
@@ -554,6 +591,7 @@ secret_file = "data/secret"
         assert_eq!(c.registrar.min_expires, 60);
         assert_eq!(c.auth.lockout_max_failures, 5);
         assert_eq!(c.log.format, "json");
+        assert_eq!((c.b2bua.session_expires, c.b2bua.min_se), (1800, 90));
     }
 
     #[test]
@@ -574,6 +612,17 @@ secret_file = "data/secret"
         }
         let c: Config = toml::from_str(&format!("{MIN}[registrar]\nmin_expires = 7200\n")).unwrap();
         assert!(c.validate().is_err());
+        for b in [
+            "min_se = 60",
+            "min_se = 600\nsession_expires = 300",
+            "session_expires = 100000",
+        ] {
+            let c: Config = toml::from_str(&format!("{MIN}[b2bua]\n{b}\n")).unwrap();
+            assert!(c.validate().is_err(), "{b} accepted");
+        }
+        let c: Config = toml::from_str(&format!("{MIN}[b2bua]\nmin_se = 120\n")).unwrap();
+        c.validate().unwrap();
+        assert_eq!((c.b2bua.session_expires, c.b2bua.min_se), (1800, 120));
     }
 
     #[test]

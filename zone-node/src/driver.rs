@@ -228,12 +228,16 @@ impl Node {
             .ok_or_else(|| anyhow!("no SIP listener"))?;
         let b2b_rng = SystemRandom::new();
         let b2bua = B2bua::new(
-            B2buaConfig::new(
-                cfg.node.id.clone(),
-                cfg.auth.realm.clone(),
-                format!("sip:{}@{sent_by}", cfg.node.id),
-                sent_by.to_string(),
-            ),
+            B2buaConfig {
+                session_expires: cfg.b2bua.session_expires,
+                min_se: cfg.b2bua.min_se,
+                ..B2buaConfig::new(
+                    cfg.node.id.clone(),
+                    cfg.auth.realm.clone(),
+                    format!("sip:{}@{sent_by}", cfg.node.id),
+                    sent_by.to_string(),
+                )
+            },
             Box::new(move || {
                 let mut b = [0u8; 8];
                 let _ = b2b_rng.fill(&mut b);
@@ -477,7 +481,7 @@ impl Core {
                     .response(200, "OK", Some(&tag))
                     .with(HeaderName::Allow, &allow.join(", "))
                     .with(HeaderName::Accept, "application/sdp")
-                    .with(HeaderName::Supported, "path, outbound")
+                    .with(HeaderName::Supported, "path, outbound, 100rel, timer")
                     .with_named(
                         "X-Sipzone-Load",
                         &format!(
@@ -488,7 +492,9 @@ impl Core {
                     );
                 self.respond(key, resp).await;
             }
-            Method::Invite if !in_dialog => self.initial_invite(key, flow, msg).await,
+            Method::Invite | Method::Message if !in_dialog => {
+                self.initial_request(key, flow, msg).await
+            }
             _ => {
                 self.feed_b2bua(b2bua::Input::Request { key, flow, msg })
                     .await
@@ -496,10 +502,11 @@ impl Core {
         }
     }
 
-    /// An initial INVITE: the caller authenticates (unless the bench knob
-    /// says otherwise), then a local user's call goes to the B2BUA's
-    /// location lookup, another number to the outbound next hop, or 404.
-    async fn initial_invite(&mut self, key: TxnKey, flow: Flow, msg: Message) {
+    /// An initial INVITE or MESSAGE: the caller authenticates (unless the
+    /// bench knob says otherwise), then a local user's call or message goes
+    /// to the B2BUA's location lookup, another number to the outbound next
+    /// hop, or 404.
+    async fn initial_request(&mut self, key: TxnKey, flow: Flow, msg: Message) {
         if self.authenticate_calls {
             let random = self.random();
             let checked = self.registrar.authenticate_caller(

@@ -248,6 +248,30 @@ pub struct LegRecord {
     pub received: Option<String>,
     /// The Path of the binding this leg was set up through, top first.
     pub path: Vec<String>,
+    /// The RFC 4028 session timer of this leg, when one runs on it: a node
+    /// that takes the call over keeps refreshing (or policing) it.
+    #[serde(default)]
+    pub session_timer: Option<SessionTimer>,
+}
+
+/// The negotiated RFC 4028 session timer of one leg.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionTimer {
+    /// The session interval (Session-Expires), seconds.
+    pub interval_secs: u32,
+    /// Who sends the refreshes on this leg.
+    pub refresher: Refresher,
+}
+
+/// The side that refreshes a leg's session (RFC 4028 §7, §9); the UAC/UAS
+/// names of the RFC change with every transaction, so the record names the
+/// party.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refresher {
+    /// The B2BUA (the node owning the call) refreshes at half the interval.
+    B2bua,
+    /// The far end refreshes; the B2BUA ends the call when it does not.
+    Peer,
 }
 
 /// A confirmed B2BUA call (both legs), keyed by its A-leg Call-ID.
@@ -287,6 +311,15 @@ pub enum EndReason {
     },
     /// The caller never acknowledged the 2xx (RFC 3261 §13.3.1.4).
     AckTimeout,
+    /// A session refresh of the B2BUA failed (RFC 4028 §10): 408 or 481,
+    /// or 408 when it got no answer at all.
+    RefreshFailed {
+        /// The final status of the refresh.
+        code: u16,
+    },
+    /// A far end that was the refresher let the session interval pass
+    /// without a refresh (RFC 4028 §10).
+    SessionExpired,
 }
 
 /// A call detail record.
@@ -1282,6 +1315,7 @@ mod tests {
             secure: false,
             received: None,
             path: vec![],
+            session_timer: None,
         }
     }
 

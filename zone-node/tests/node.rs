@@ -491,3 +491,146 @@ fn calls_to_other_numbers_take_the_outbound_route_or_get_404() {
         assert_eq!((s.answered, s.byes), (1, 1));
     });
 }
+
+/// RFC 3262 and RFC 4028 through the B2BUA between two SIPp processes: the
+/// caller offers 100rel and a session timer, the callee (registered as
+/// 1001) requires 100rel and checks the PRACK's RAck is mapped to its own
+/// RSeq and that the core asks to refresh its leg; the caller checks the
+/// reliable 183 and that the core refreshes its leg (refresher=uas).
+#[test]
+fn sipp_prack_and_session_timer_pass_through_the_b2bua() {
+    let node = start_node("prack");
+    let sipp_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp");
+    let uas_port = free_port();
+    let uas = Sipp::scenario_path(&sipp_dir.join("uas_100rel.xml"), &node.dir, "uas")
+        .unwrap()
+        .local(addr(uas_port))
+        .calls(5)
+        .arg("-timeout")
+        .arg("60s")
+        .arg("-timeout_error");
+    let mut uas_proc = uas.spawn().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ua = ua().await;
+        let contact = format!("<sip:1001@{}>", addr(uas_port));
+        let flow = Flow::to(Transport::Udp, node.sip);
+        let r = ua
+            .register_contact(flow, REALM, "1001", "pw1001", 3600, &contact)
+            .await
+            .unwrap();
+        assert_eq!(r.status(), Some(200), "{r}");
+    });
+    let uac = Sipp::scenario_path(&sipp_dir.join("uac_100rel.xml"), &node.dir, "uac")
+        .unwrap()
+        .local(addr(free_port()))
+        .calls(5)
+        .arg("-s")
+        .arg("1001")
+        .arg("-key")
+        .arg("caller")
+        .arg("1000")
+        .arg("-key")
+        .arg("domain")
+        .arg(REALM)
+        .arg("-au")
+        .arg("1000")
+        .arg("-ap")
+        .arg("pw1000")
+        .arg("-r")
+        .arg(5)
+        .arg("-d")
+        .arg(100)
+        .arg("-timeout")
+        .arg("60s")
+        .arg("-timeout_error")
+        .remote(node.sip);
+    let (code, stats) = uac.run(Duration::from_secs(90)).unwrap();
+    let uas_status = uas_proc.wait_timeout(Duration::from_secs(30)).unwrap();
+    let uas_stats = uas.stats().unwrap();
+    println!("prack: uac exit {code} {stats:?}; uas {uas_status} {uas_stats:?}");
+    assert_eq!(
+        (code, stats.successful, stats.failed),
+        (0, 5, 0),
+        "uac log: {}\nuas log: {}\nnode log: {}",
+        std::fs::read_to_string(uac.log_path()).unwrap_or_default(),
+        std::fs::read_to_string(uas.log_path()).unwrap_or_default(),
+        log(&node.dir)
+    );
+    assert_eq!((uas_stats.successful, uas_stats.failed), (5, 0));
+}
+
+/// RFC 3428 pager mode: an authenticated MESSAGE reaches every binding of
+/// the callee with its body and Content-Type, and the 200 comes back;
+/// 480 when the callee has no binding, 404 for a user the node does not
+/// know, 407 without credentials.
+#[test]
+fn message_reaches_every_binding_of_a_registered_user() {
+    let node = start_node("message");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let flow = Flow::to(Transport::Udp, node.sip);
+        let mut callees = Vec::new();
+        for _ in 0..2 {
+            let callee = Ua::start(UaConfig {
+                transport: sip::transport::TransportConfig {
+                    udp: vec![addr(0)],
+                    ..Default::default()
+                },
+                user: "1003".into(),
+                ..UaConfig::default()
+            })
+            .await
+            .unwrap();
+            let r = callee
+                .register(flow, REALM, "1003", "pw1003", 600)
+                .await
+                .unwrap();
+            assert_eq!(r.status(), Some(200), "{r}");
+            callees.push(callee);
+        }
+        let caller = ua().await;
+        let message = |to: &str| {
+            caller
+                .out_of_dialog(Method::Message, &format!("sip:{to}@{REALM}"), flow)
+                .with_body("text/plain;charset=utf-8", "hello, 1003")
+        };
+        let r = caller
+            .request_authenticated(flow, message("1003"))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), Some(200), "{r}");
+        // both bindings got it (the second answer may still be in flight)
+        for callee in &callees {
+            for _ in 0..500 {
+                if callee.stats().messages == 1 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let got = callee.messages();
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].body().as_ref(), b"hello, 1003");
+            assert_eq!(
+                got[0].header(sip::msg::HeaderName::ContentType),
+                Some("text/plain;charset=utf-8")
+            );
+        }
+        let r = caller
+            .request_authenticated(flow, message("1998"))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), Some(480), "{r}");
+        let r = caller
+            .request_authenticated(flow, message("15551234567"))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), Some(404), "{r}");
+        let anonymous = ua_other_source().await;
+        let m = anonymous
+            .out_of_dialog(Method::Message, &format!("sip:1003@{REALM}"), flow)
+            .with_body("text/plain", "hi");
+        let r = anonymous.request(flow, m).await.unwrap();
+        assert_eq!(r.status(), Some(407), "{r}");
+    });
+}
