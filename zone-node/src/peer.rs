@@ -386,9 +386,11 @@ mod tests {
     }
 
     fn msg(from: u64, to: u64, t: MessageType, data: usize) -> Message {
-        let mut m = Message::default();
-        m.from = from;
-        m.to = to;
+        let mut m = Message {
+            from,
+            to,
+            ..Message::default()
+        };
         m.set_msg_type(t);
         if data > 0 {
             m.mut_snapshot().data = vec![7u8; data].into();

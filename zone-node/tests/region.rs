@@ -322,6 +322,7 @@ fn leader_sigkill_writes_resume_and_nothing_acknowledged_is_lost() {
         .find(|m| !m.witness && m.name != leader)
         .map(|m| (m.name, m.sip, m.metrics))
         .unwrap();
+    #[allow(clippy::disallowed_methods)] // the test measures, it asserts no time
     let killed_at = Instant::now();
     region.kill(leader);
     rt.block_on(async {
