@@ -476,16 +476,23 @@ impl<D: Disk, S: StateDb> Replica<D, S> {
     /// applies. An error means the replica can no longer persist; the caller
     /// stops it.
     pub fn process(&mut self) -> Result<(), ReplicaError> {
+        let mut resubmit = false;
         while self.node.has_ready() {
             let mut rd = self.node.ready();
             if rd.ss().is_some() || rd.hs().is_some() {
                 let role = (self.node.raft.leader_id, self.node.raft.term);
                 if role != self.role {
+                    let new_leader = role.0 != 0 && role.0 != self.role.0;
                     self.role = role;
                     self.outputs.push_back(Output::Role {
                         leader: role.0,
                         term: role.1,
                     });
+                    // Proposals lost with the old leader (or dropped for
+                    // want of one) go to the new one as soon as this Ready
+                    // is done (never between ready and advance), not at
+                    // their retry tick.
+                    resubmit |= new_leader;
                 }
             }
             let mut batch = Batch {
@@ -532,8 +539,25 @@ impl<D: Disk, S: StateDb> Replica<D, S> {
             self.node.advance_apply();
             self.finish_reads();
             self.maybe_compact()?;
+            if std::mem::take(&mut resubmit) {
+                self.resubmit_pending();
+            }
         }
         Ok(())
+    }
+
+    fn resubmit_pending(&mut self) {
+        let datas: Vec<Bytes> = self
+            .pending
+            .values_mut()
+            .map(|p| {
+                p.ticks = 0;
+                p.data.clone()
+            })
+            .collect();
+        for d in datas {
+            self.submit(d);
+        }
     }
 
     fn send(&mut self, msgs: Vec<Message>) {
@@ -906,11 +930,12 @@ mod tests {
     fn lost_proposal_is_retried_and_applied_once() {
         let mut net = Net::new(3);
         net.tick(30);
-        // Node 3 proposes while the leader is down: no leader known after
-        // the election timeout, so raft-rs drops it until a retry.
+        // Node 3 proposes while the leader is down: the proposal goes to the
+        // dead leader and is lost; it is proposed again to the new leader.
         net.crash(1);
         let r3 = net.nodes.get_mut(&3).unwrap();
         r3.propose(reg(1, 3000));
+        net.settle();
         net.tick(60);
         let r3 = net.nodes.get_mut(&3).unwrap();
         assert_eq!(r3.take_committed(), vec![ProposalId(1)]);
