@@ -353,23 +353,51 @@ impl Ua {
         expires: u32,
         contact: &str,
     ) -> Result<Message> {
+        self.register_with(next_hop, domain, user, password, Some((contact, expires)))
+            .await
+    }
+
+    /// Asks the registrar at `next_hop` for the bindings of `user@domain`
+    /// (a REGISTER without Contact, RFC 3261 §10.2.3); the 200 lists them
+    /// in its Contact headers.
+    pub async fn fetch_bindings(
+        &self,
+        next_hop: Flow,
+        domain: &str,
+        user: &str,
+        password: &str,
+    ) -> Result<Message> {
+        self.register_with(next_hop, domain, user, password, None)
+            .await
+    }
+
+    async fn register_with(
+        &self,
+        next_hop: Flow,
+        domain: &str,
+        user: &str,
+        password: &str,
+        binding: Option<(&str, u32)>,
+    ) -> Result<Message> {
         let inner = &self.inner;
         let call_id = format!("{}@testkit", inner.token());
         let from_tag = inner.token();
         let aor = format!("sip:{user}@{domain}");
         let registrar = format!("sip:{domain}");
         let build = |seq: u32| {
-            let mut m = inner
-                .base_request(
-                    Method::Register,
-                    &registrar,
-                    next_hop,
-                    &call_id,
-                    &from_tag,
-                    seq,
-                )
-                .with(HeaderName::Contact, contact)
-                .with(HeaderName::Expires, &expires.to_string());
+            let mut m = inner.base_request(
+                Method::Register,
+                &registrar,
+                next_hop,
+                &call_id,
+                &from_tag,
+                seq,
+            );
+            if let Some((contact, expires)) = binding {
+                m = m
+                    .with(HeaderName::Contact, contact)
+                    .with(HeaderName::Expires, &expires.to_string());
+            }
             // REGISTER's To is the AOR, like From.
             m.set(HeaderName::To, &format!("<{aor}>"));
             m.set(HeaderName::From, &format!("<{aor}>;tag={from_tag}"));

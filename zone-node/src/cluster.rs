@@ -241,6 +241,13 @@ pub async fn run_witness(
             }
             _ = stop.changed() => break,
         }
+        // One Ready for everything already queued.
+        for _ in 0..512 {
+            match events.try_recv() {
+                Ok(ev) => store.peer_event(ev),
+                Err(_) => break,
+            }
+        }
         store.process()?;
     }
     store.close();

@@ -29,6 +29,9 @@ use crate::peer::PeerEvent;
 use crate::registrar::{LockoutConfig, Outcome, Pending, Registrar, RegistrarConfig};
 use crate::state::{MemStore, ProposalId, Store};
 
+/// Most queued events taken after one before the store runs its Ready loop.
+const BATCH: usize = 512;
+
 /// Methods this node implements: the registrar's, OPTIONS, and what the
 /// B2BUA handles (calls and the requests inside them).
 const METHODS: &[Method] = &[
@@ -372,6 +375,26 @@ impl Core {
                     None => break,
                 },
                 _ = stop.changed() => break,
+            }
+            if replicated {
+                // Take what else is queued already, so that one Ready (one
+                // fsync, one append per peer) covers all of it.
+                for _ in 0..BATCH {
+                    let mut more = false;
+                    if let Ok(ev) = events.try_recv() {
+                        self.event(ev).await;
+                        more = true;
+                    }
+                    if let Some(rx) = peer_events.as_mut()
+                        && let Ok(ev) = rx.try_recv()
+                    {
+                        self.store.peer_event(ev);
+                        more = true;
+                    }
+                    if !more {
+                        break;
+                    }
+                }
             }
             if let Err(e) = self.progress().await {
                 // A replica that cannot persist must not vote or acknowledge.

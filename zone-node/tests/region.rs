@@ -15,6 +15,7 @@ use sip::msg::Method;
 use testkit::net::{addr, free_port};
 use testkit::pki::Ca;
 use testkit::proc::Proc;
+use testkit::sipp::Sipp;
 use testkit::ua::{Ua, UaConfig};
 
 const REALM: &str = "sipzone.local";
@@ -35,6 +36,13 @@ struct Member {
     metrics: SocketAddr,
     config: PathBuf,
     witness: bool,
+}
+
+impl Member {
+    /// (SIP address, metrics address).
+    fn clone_addrs(&self) -> (SocketAddr, SocketAddr) {
+        (self.sip, self.metrics)
+    }
 }
 
 struct Region {
@@ -355,4 +363,177 @@ fn leader_sigkill_writes_resume_and_nothing_acknowledged_is_lost() {
             );
         });
     }
+}
+
+/// Polls `/metrics` of `node` until `name` is at least `want` (bounded).
+async fn wait_metric_at_least(at: SocketAddr, name: &str, want: f64) -> bool {
+    for _ in 0..300 {
+        if metric(at, name).is_some_and(|v| v >= want) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// A SIPp REGISTER load (digest auth) of `count` registrations over users
+/// 1000..1999 at `rate`/s towards `node`, for at most `limit_secs`, logging every message to
+/// `<dir>/<name>-messages.log`.
+fn sipp_registrations(
+    region: &Region,
+    name: &str,
+    node: SocketAddr,
+    count: u64,
+    rate: u32,
+    limit_secs: u32,
+) -> Sipp {
+    let users = region.dir.join(format!("{name}-users.csv"));
+    let mut csv = String::from("SEQUENTIAL\n");
+    for u in 1000..2000 {
+        csv += &format!("{u};[authentication username={u} password=pw{u}]\n");
+    }
+    std::fs::write(&users, csv).unwrap();
+    let scenario = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sipp/register_auth.xml");
+    Sipp::scenario_path(&scenario, &region.dir, name)
+        .unwrap()
+        .arg("-inf")
+        .arg(users.display())
+        .arg("-key")
+        .arg("domain")
+        .arg(REALM)
+        .arg("-r")
+        .arg(rate)
+        .arg("-trace_msg")
+        .arg("-message_file")
+        .arg(region.dir.join(format!("{name}-messages.log")).display())
+        .arg("-timeout")
+        .arg(format!("{limit_secs}s"))
+        .local(addr(free_port()))
+        .calls(count)
+        .remote(node)
+}
+
+/// The users whose REGISTER got a 200, from a SIPp message log.
+fn acknowledged_users(log: &str) -> std::collections::BTreeSet<String> {
+    let mut users = std::collections::BTreeSet::new();
+    for block in log.split("\n----------------------------------------------- ") {
+        if !block.contains("message received") {
+            continue;
+        }
+        let mut lines = block.lines().map(str::trim).filter(|l| !l.is_empty());
+        if !lines.any(|l| l.starts_with("SIP/2.0 200")) {
+            continue;
+        }
+        let lines: Vec<&str> = block.lines().map(str::trim).collect();
+        let is_register = lines
+            .iter()
+            .any(|l| l.to_ascii_lowercase().starts_with("cseq:") && l.ends_with("REGISTER"));
+        let to = lines
+            .iter()
+            .find(|l| l.to_ascii_lowercase().starts_with("to:"))
+            .and_then(|l| l.split("sip:").nth(1))
+            .and_then(|r| r.split('@').next());
+        if let (true, Some(user)) = (is_register, to) {
+            users.insert(user.to_string());
+        }
+    }
+    users
+}
+
+#[test]
+fn zone_a_sigkill_during_sipp_registrations_loses_no_acknowledged_one() {
+    let mut region = Region::start("zone-a-kill");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (b1, b2) = (
+        region.member("b1").clone_addrs(),
+        region.member("b2").clone_addrs(),
+    );
+    rt.block_on(async {
+        wait_ready(&region).await;
+        let probe = ua("1999").await;
+        assert_eq!(register_until_ok(&probe, b1.0, "1999", 50).await, 200);
+    });
+    let sipp = sipp_registrations(
+        &region,
+        "zone-a-load",
+        region.member("a1").sip,
+        1000,
+        100,
+        20,
+    );
+    let mut load = sipp.spawn().unwrap();
+    // Kill zone A once a good part of the load is acknowledged.
+    rt.block_on(async {
+        assert!(wait_metric_at_least(b1.1, "sipzone_node_registrations", 300.0).await);
+    });
+    region.kill("a1");
+    region.kill("a2");
+    let _ = load.wait_timeout(Duration::from_secs(90));
+    let log = std::fs::read_to_string(region.dir.join("zone-a-load-messages.log")).unwrap();
+    let acked = acknowledged_users(&log);
+    println!(
+        "zone A SIGKILLed after {} acknowledged registrations",
+        acked.len()
+    );
+    assert!(acked.len() >= 200, "{} acknowledged", acked.len());
+    rt.block_on(async {
+        let checker = ua("1998").await;
+        let mut missing = vec![];
+        for user in &acked {
+            for (name, at) in [("b1", b1.0), ("b2", b2.0)] {
+                let r = checker
+                    .fetch_bindings(
+                        Flow::to(Transport::Udp, at),
+                        REALM,
+                        user,
+                        &format!("pw{user}"),
+                    )
+                    .await
+                    .unwrap();
+                let has = r.status() == Some(200)
+                    && r.values(sip::msg::HeaderName::Contact)
+                        .any(|c| c.contains(&format!("sip:{user}@127.0.0.1")));
+                if !has {
+                    missing.push(format!("{user} on {name}"));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "lost: {missing:?}");
+        // Registrations continue on zone B.
+        let dev = ua("1997").await;
+        assert_eq!(register_until_ok(&dev, b2.0, "1997", 50).await, 200);
+    });
+}
+
+#[test]
+fn a_node_restarted_after_10000_commits_catches_up() {
+    let mut region = Region::start("catch-up");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let a1 = region.member("a1").sip;
+    rt.block_on(async {
+        wait_ready(&region).await;
+        let probe = ua("1999").await;
+        assert_eq!(register_until_ok(&probe, a1, "1999", 50).await, 200);
+    });
+    region.kill("b1");
+    let sipp = sipp_registrations(&region, "catch-up-load", a1, 10_000, 500, 90);
+    let mut load = sipp.spawn().unwrap();
+    let status = load.wait_timeout(Duration::from_secs(120)).unwrap();
+    let stats = sipp.stats().unwrap();
+    println!("10,000 registrations while b1 was down: {stats:?} ({status})");
+    assert!(stats.successful >= 10_000 - stats.failed && stats.successful > 9_000);
+    let i = region.members.iter().position(|m| m.name == "b1").unwrap();
+    region.spawn(i);
+    let b1 = region.member("b1").metrics;
+    rt.block_on(async {
+        assert!(
+            wait_metric(b1, "sipzone_node_registrations", 1001.0).await,
+            "b1 did not catch up; log:\n{}",
+            region.log("b1")
+        );
+    });
+    assert!(
+        region.log("b1").contains("snapshot installed"),
+        "b1 caught up by snapshot: the log was compacted past it"
+    );
 }
