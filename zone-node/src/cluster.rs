@@ -3,7 +3,7 @@
 //! calls [`NodeStore::tick`], [`NodeStore::peer_event`] and
 //! [`NodeStore::process`]; a witness runs only this ([`run_witness`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -14,7 +14,7 @@ use crate::peer::{Identity, PeerEvent, Peers};
 use crate::replica::redb_disk::RedbDisk;
 use crate::replica::statedb::SledStateDb;
 use crate::replica::{Output, Replica, ReplicaConfig};
-use crate::state::{Command, Entry, MemStore, ProposalId, State, Store};
+use crate::state::{Command, Entry, MemStore, MemberRecord, ProposalId, State, Store};
 
 /// The replica as a node runs it.
 pub type NodeReplica = Replica<RedbDisk, SledStateDb>;
@@ -25,6 +25,89 @@ pub struct Raft {
     replica: NodeReplica,
     peers: Peers,
     leader: u64,
+    /// This node as the replicated member table should list it.
+    me: MemberRecord,
+    /// Ticks of silence after which the leader reassigns a peer's calls.
+    takeover_ticks: u64,
+    /// Tick of the last member announcement.
+    announced_at: Option<u64>,
+    /// Tick of the last reassignment proposed per dead node.
+    reassigned_at: BTreeMap<String, u64>,
+}
+
+/// Ticks before an announcement or reassignment that has not taken effect
+/// is proposed again.
+const REPROPOSE_TICKS: u64 = 40;
+
+impl Raft {
+    /// Proposes this node's member record while the state lacks it.
+    fn announce(&mut self, now_unix: u64, next_id: &mut u64) {
+        let id = self.replica.id();
+        if self.replica.role().0 == 0 || self.replica.state().members().get(&id) == Some(&self.me) {
+            return;
+        }
+        let t = self.replica.ticks();
+        if self
+            .announced_at
+            .is_some_and(|a| t.saturating_sub(a) < REPROPOSE_TICKS)
+        {
+            return;
+        }
+        self.announced_at = Some(t);
+        let entry = Entry {
+            id: take_id(next_id),
+            at_unix: now_unix,
+            cmds: vec![Command::PutMember {
+                raft_id: id,
+                member: self.me.clone(),
+            }],
+        };
+        self.replica.propose(entry);
+    }
+
+    /// On the leader: reassigns the calls of voters silent for
+    /// `takeover_ticks` to the live switches (DESIGN §5).
+    fn take_over(&mut self, now_unix: u64, next_id: &mut u64) {
+        let silent = self.replica.silent_voters(self.takeover_ticks);
+        if silent.is_empty() {
+            return;
+        }
+        let members = self.replica.state().members();
+        let dead: BTreeSet<String> = silent
+            .iter()
+            .filter_map(|id| members.get(id))
+            .map(|m| m.name.clone())
+            .collect();
+        let live: BTreeSet<String> = members
+            .iter()
+            .filter(|(id, m)| !m.witness && !silent.contains(id))
+            .map(|(_, m)| m.name.clone())
+            .collect();
+        let t = self.replica.ticks();
+        let due: BTreeSet<String> = dead
+            .into_iter()
+            .filter(|n| {
+                self.reassigned_at
+                    .get(n)
+                    .is_none_or(|a| t.saturating_sub(*a) >= REPROPOSE_TICKS)
+            })
+            .collect();
+        let cmds = crate::takeover::plan(self.replica.state(), &due, &live);
+        if cmds.is_empty() {
+            return;
+        }
+        for n in due {
+            self.reassigned_at.insert(n, t);
+        }
+        tracing::info!(calls = cmds.len(), silent = ?silent, "reassigning the calls of silent nodes");
+        metrics::counter!(crate::metrics::CALLS_REASSIGNED).increment(cmds.len() as u64);
+        let entry = Entry {
+            id: take_id(next_id),
+            at_unix: now_unix,
+            cmds,
+        };
+        self.replica.propose(entry);
+    }
 }
 
 /// Where a node's cores send their entries.
@@ -49,6 +132,7 @@ impl NodeStore {
     /// Opens the Raft replica under `data_dir` and starts its transport.
     pub fn open_raft(
         cfg: &ClusterConfig,
+        me: MemberRecord,
         data_dir: &std::path::Path,
         boot: u64,
     ) -> Result<(NodeStore, mpsc::Receiver<PeerEvent>)> {
@@ -84,6 +168,10 @@ impl NodeStore {
                 replica,
                 peers,
                 leader: 0,
+                me,
+                takeover_ticks: (cfg.takeover_after_ms / cfg.tick_ms).max(1),
+                announced_at: None,
+                reassigned_at: BTreeMap::new(),
             })),
             events,
         ))
@@ -97,11 +185,22 @@ impl NodeStore {
         }
     }
 
-    /// One Raft tick (no-op in memory).
-    pub fn tick(&mut self) {
+    /// One Raft tick (no-op in memory): retries, the member announcement,
+    /// and on the leader the takeover of silent nodes' calls. Proposals take
+    /// their ids from `next_id`, the node's one counter (ids of one origin
+    /// must come from one sequence for de-duplication, see
+    /// [`crate::state::DEDUP_WINDOW`]).
+    pub fn tick(&mut self, now_unix: u64, next_id: &mut u64) {
         if let NodeStore::Raft(r) = self {
             r.replica.tick();
+            r.announce(now_unix, next_id);
+            r.take_over(now_unix, next_id);
         }
+    }
+
+    /// Calls the replicated state lists as owned by `name`.
+    pub fn owned_calls(&self, name: &str) -> usize {
+        self.state().calls().filter(|c| c.owner == name).count()
     }
 
     /// Feeds what the transport received.
@@ -183,6 +282,13 @@ impl NodeStore {
     }
 }
 
+/// The next id of the node's proposal counter.
+fn take_id(next_id: &mut u64) -> ProposalId {
+    let id = ProposalId(*next_id);
+    *next_id += 1;
+    id
+}
+
 /// A member as a membership change announces it (the change's context).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Member {
@@ -230,7 +336,7 @@ pub async fn run_witness(
     let mut expire = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
-            _ = ticker.tick() => store.tick(),
+            _ = ticker.tick() => store.tick(crate::driver::unix_now(), &mut next_id),
             ev = events.recv() => match ev {
                 Some(ev) => store.peer_event(ev),
                 None => break,

@@ -92,6 +92,10 @@ pub struct ClusterConfig {
     /// Milliseconds per Raft tick (election after 10 ticks, heartbeat every 2).
     #[serde(default = "default_tick_ms")]
     pub tick_ms: u64,
+    /// Milliseconds a voter may stay silent before the leader reassigns its
+    /// calls to live nodes.
+    #[serde(default = "default_takeover_after_ms")]
+    pub takeover_after_ms: u64,
     /// The other members.
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
@@ -99,6 +103,10 @@ pub struct ClusterConfig {
 
 fn default_tick_ms() -> u64 {
     50
+}
+
+fn default_takeover_after_ms() -> u64 {
+    1000
 }
 
 /// `[[cluster.peers]]`
@@ -481,6 +489,9 @@ impl Config {
             }
             if !(5..=1000).contains(&c.tick_ms) {
                 return bad("cluster.tick_ms must be within 5..=1000");
+            }
+            if c.takeover_after_ms < 2 * c.tick_ms {
+                return bad("cluster.takeover_after_ms must be at least two ticks");
             }
             let mut ids: Vec<u64> = c.peers.iter().map(|p| p.id).collect();
             ids.push(c.raft_id);

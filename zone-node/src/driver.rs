@@ -100,7 +100,12 @@ impl Node {
         let boot = u64::from_le_bytes(boot);
         let (store, peer_events) = match &cfg.cluster {
             Some(c) => {
-                let (s, ev) = NodeStore::open_raft(c, &cfg.node.data_dir.join("raft"), boot)?;
+                let me = crate::state::MemberRecord {
+                    name: cfg.node.id.clone(),
+                    zone: cfg.node.zone.clone(),
+                    witness: cfg.node.is_witness(),
+                };
+                let (s, ev) = NodeStore::open_raft(c, me, &cfg.node.data_dir.join("raft"), boot)?;
                 (s, Some(ev))
             }
             None => (NodeStore::Mem(MemStore::default()), None),
@@ -258,6 +263,7 @@ impl Node {
                 .as_ref()
                 .map(|o| Flow::to(o.transport_kind(), o.next_hop)),
             next_id: 1,
+            node_id: cfg.node.id.clone(),
             store,
             rng,
             pending: HashMap::new(),
@@ -326,6 +332,8 @@ struct Core {
     /// Node-wide proposal ids: every entry is numbered here, whichever core
     /// made it, so the state applies them in order.
     next_id: u64,
+    /// This node's id (the owner name of its calls).
+    node_id: String,
     store: NodeStore,
     rng: SystemRandom,
     /// Requests waiting for their proposal to commit.
@@ -369,7 +377,7 @@ impl Core {
                     self.drain_b2bua().await;
                 }
                 _ = tick.tick() => self.housekeeping(),
-                _ = raft_ticker.tick(), if replicated => self.store.tick(),
+                _ = raft_ticker.tick(), if replicated => self.store.tick(unix_now(), &mut self.next_id),
                 ev = peer_event => match ev {
                     Some(ev) => self.store.peer_event(ev),
                     None => break,
@@ -442,6 +450,7 @@ impl Core {
         self.store.expire(now, id);
         self.registrar.purge(now);
         metrics::gauge!(m::REGISTRATIONS).set(self.store.state().binding_count() as f64);
+        metrics::gauge!(m::OWNED_CALLS).set(self.store.owned_calls(&self.node_id) as f64);
     }
 
     /// Sends a response on server transaction `key`, counting it by method

@@ -11,6 +11,7 @@
 //! - [`replica`]: the Raft replica (raft-rs, redb log, sled state) behind the `Store`.
 //! - [`peer`]: the Raft transport between nodes (QUIC, mutual TLS).
 //! - [`cluster`]: the node's store (in memory, or the replica and its transport).
+//! - [`takeover`]: which live node takes the calls of a dead one.
 //! - [`driver`]: the tokio driver tying transports, transactions and cores together.
 #![forbid(unsafe_code)]
 
@@ -24,3 +25,4 @@ pub mod peer;
 pub mod registrar;
 pub mod replica;
 pub mod state;
+pub mod takeover;

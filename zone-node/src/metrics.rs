@@ -19,3 +19,7 @@ pub const RAFT_TERM: &str = "sipzone_node_raft_term";
 pub const RAFT_IS_LEADER: &str = "sipzone_node_raft_is_leader";
 /// Proposals given up after their retries.
 pub const PROPOSALS_DROPPED: &str = "sipzone_node_proposals_dropped_total";
+/// Calls the leader reassigned from silent nodes.
+pub const CALLS_REASSIGNED: &str = "sipzone_node_calls_reassigned_total";
+/// Calls the replicated state lists as owned by this node (gauge).
+pub const OWNED_CALLS: &str = "sipzone_node_owned_calls";

@@ -205,6 +205,35 @@ pub enum Command {
         /// The call detail record.
         cdr: Cdr,
     },
+    /// Moves a call from node `from` to node `to` (DESIGN §5, call takeover).
+    /// Applied only while `from` still owns it: a reassignment planned on
+    /// stale state changes nothing.
+    Reassign {
+        /// The A-leg Call-ID.
+        call_id: String,
+        /// The owner the proposer saw.
+        from: String,
+        /// The new owner.
+        to: String,
+    },
+    /// Records (or updates) a member of the region under its Raft id.
+    PutMember {
+        /// The member's Raft id.
+        raft_id: u64,
+        /// What it is.
+        member: MemberRecord,
+    },
+}
+
+/// A member of the region as the replicated state knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    /// The node id (`a1`), the name call owners are recorded under.
+    pub name: String,
+    /// The zone label.
+    pub zone: String,
+    /// True for a witness (a voter that serves no SIP and owns no call).
+    pub witness: bool,
 }
 
 impl Command {
@@ -214,7 +243,11 @@ impl Command {
             Command::UpsertBinding { aor, .. }
             | Command::RemoveBinding { aor, .. }
             | Command::ClearAor { aor, .. } => Some(aor),
-            Command::Expire { .. } | Command::PutCall { .. } | Command::EndCall { .. } => None,
+            Command::Expire { .. }
+            | Command::PutCall { .. }
+            | Command::EndCall { .. }
+            | Command::Reassign { .. }
+            | Command::PutMember { .. } => None,
         }
     }
 }
@@ -364,7 +397,9 @@ impl Origin {
 }
 
 /// How many recent proposal ids per origin are remembered for de-duplication
-/// (a re-proposal older than this is taken as already applied).
+/// (a re-proposal older than this is taken as already applied). The ids of
+/// one origin must therefore come from one increasing sequence: an id far
+/// below the highest seen counts as applied.
 pub const DEDUP_WINDOW: u64 = 16_384;
 /// How many starts (boots) per node keep their de-duplication window.
 const BOOTS_KEPT: usize = 4;
@@ -428,6 +463,8 @@ pub enum Key {
     Cdr(String),
     /// The de-duplication windows of a proposer node.
     Seen(u64),
+    /// A member, by Raft id.
+    Member(u64),
 }
 
 /// A batch of commands from one request, applied atomically.
@@ -491,6 +528,9 @@ pub struct State {
     calls: BTreeMap<String, CallRecord>,
     /// CDRs of ended calls by A-leg Call-ID (no retention bound yet).
     cdrs: BTreeMap<String, Cdr>,
+    /// Members of the region by Raft id.
+    #[serde(default)]
+    members: BTreeMap<u64, MemberRecord>,
     /// Keys changed since the last [`State::take_dirty`], when tracked.
     #[serde(skip)]
     dirty: Option<std::collections::BTreeSet<Key>>,
@@ -622,9 +662,31 @@ impl State {
 
     fn apply_call(&mut self, cmd: &Command) {
         match cmd {
-            Command::PutCall { call } if !self.cdrs.contains_key(&call.call_id) => {
+            // Fencing: only the owner updates a call; a node that lost it
+            // (reassigned while it was cut off) cannot take it back.
+            Command::PutCall { call }
+                if !self.cdrs.contains_key(&call.call_id)
+                    && self
+                        .calls
+                        .get(&call.call_id)
+                        .is_none_or(|c| c.owner == call.owner) =>
+            {
                 self.touch(|| Key::Call(call.call_id.clone()));
                 self.calls.insert(call.call_id.clone(), (**call).clone());
+            }
+            Command::Reassign { call_id, from, to } => {
+                if let Some(c) = self.calls.get_mut(call_id)
+                    && c.owner == *from
+                {
+                    c.owner = to.clone();
+                    self.touch(|| Key::Call(call_id.clone()));
+                }
+            }
+            Command::PutMember { raft_id, member } => {
+                if self.members.get(raft_id) != Some(member) {
+                    self.members.insert(*raft_id, member.clone());
+                    self.touch(|| Key::Member(*raft_id));
+                }
             }
             Command::EndCall { call_id, cdr } => {
                 self.touch(|| Key::Call(call_id.clone()));
@@ -644,6 +706,7 @@ impl State {
             Key::Call(id) => self.calls.get(id).map(serde_json::to_vec),
             Key::Cdr(id) => self.cdrs.get(id).map(serde_json::to_vec),
             Key::Seen(n) => self.seen.get(n).map(serde_json::to_vec),
+            Key::Member(n) => self.members.get(n).map(serde_json::to_vec),
         };
         // Serializing these plain data types cannot fail.
         json.and_then(Result::ok)
@@ -668,6 +731,9 @@ impl State {
             Key::Seen(n) => {
                 self.seen.insert(n, serde_json::from_slice(value)?);
             }
+            Key::Member(n) => {
+                self.members.insert(n, serde_json::from_slice(value)?);
+            }
         }
         Ok(())
     }
@@ -678,13 +744,19 @@ impl State {
         let c = self.calls.keys().map(|id| Key::Call(id.clone()));
         let d = self.cdrs.keys().map(|id| Key::Cdr(id.clone()));
         let s = self.seen.keys().map(|n| Key::Seen(*n));
-        b.chain(c).chain(d).chain(s).collect()
+        let m = self.members.keys().map(|n| Key::Member(*n));
+        b.chain(c).chain(d).chain(s).chain(m).collect()
     }
 
     /// Sets the log index of the last applied entry (when loading the state
     /// database or installing a snapshot).
     pub fn set_applied_index(&mut self, index: u64) {
         self.applied_index = index;
+    }
+
+    /// The members of the region by Raft id.
+    pub fn members(&self) -> &BTreeMap<u64, MemberRecord> {
+        &self.members
     }
 
     /// The active call with A-leg Call-ID `call_id`.
@@ -866,7 +938,11 @@ fn apply_command(list: &mut Vec<Binding>, cmd: &Command) -> Result<(usize, usize
             list.clear();
             Ok((0, n))
         }
-        Command::Expire { .. } | Command::PutCall { .. } | Command::EndCall { .. } => Ok((0, 0)),
+        Command::Expire { .. }
+        | Command::PutCall { .. }
+        | Command::EndCall { .. }
+        | Command::Reassign { .. }
+        | Command::PutMember { .. } => Ok((0, 0)),
     }
 }
 
@@ -973,6 +1049,41 @@ impl Store for MemStore {
 
     fn take_committed(&mut self) -> Vec<ProposalId> {
         MemStore::take_committed(self)
+    }
+}
+
+/// A leg record for tests in this crate.
+#[cfg(test)]
+pub(crate) fn test_leg(call_id: &str) -> LegRecord {
+    LegRecord {
+        call_id: call_id.into(),
+        local_tag: "l".into(),
+        remote_tag: "r".into(),
+        local: "<sip:n@h>;tag=l".into(),
+        remote: "<sip:p@h>;tag=r".into(),
+        local_seq: 1,
+        remote_seq: Some(1),
+        remote_target: "sip:p@192.0.2.1".into(),
+        route_set: vec![],
+        secure: false,
+        received: None,
+        path: vec![],
+        session_timer: None,
+    }
+}
+
+/// A call record for tests in this crate.
+#[cfg(test)]
+pub(crate) fn test_call(id: &str) -> CallRecord {
+    CallRecord {
+        call_id: id.into(),
+        owner: "n1".into(),
+        caller: "sip:1000@realm".into(),
+        callee: "sip:1001@realm".into(),
+        a: test_leg(id),
+        b: test_leg("b-leg"),
+        start_unix_ms: 1_000,
+        answer_unix_ms: 2_000,
     }
 }
 
@@ -1302,34 +1413,11 @@ mod tests {
     }
 
     fn leg(call_id: &str) -> LegRecord {
-        LegRecord {
-            call_id: call_id.into(),
-            local_tag: "l".into(),
-            remote_tag: "r".into(),
-            local: "<sip:n@h>;tag=l".into(),
-            remote: "<sip:p@h>;tag=r".into(),
-            local_seq: 1,
-            remote_seq: Some(1),
-            remote_target: "sip:p@192.0.2.1".into(),
-            route_set: vec![],
-            secure: false,
-            received: None,
-            path: vec![],
-            session_timer: None,
-        }
+        test_leg(call_id)
     }
 
     fn call(id: &str) -> CallRecord {
-        CallRecord {
-            call_id: id.into(),
-            owner: "n1".into(),
-            caller: "sip:1000@realm".into(),
-            callee: "sip:1001@realm".into(),
-            a: leg(id),
-            b: leg("b-leg"),
-            start_unix_ms: 1_000,
-            answer_unix_ms: 2_000,
-        }
+        test_call(id)
     }
 
     fn cdr(id: &str) -> Cdr {
@@ -1344,6 +1432,70 @@ mod tests {
             duration_ms: 3_000,
             reason: EndReason::CallerHangup,
         }
+    }
+
+    #[test]
+    fn ownership_moves_only_by_reassign_and_fences_the_old_owner() {
+        let mut s = State::new();
+        s.track_dirty(true);
+        let mut c = call("c1");
+        c.owner = "a1".into();
+        let put = |id, c: &CallRecord| {
+            entry(
+                id,
+                10,
+                vec![Command::PutCall {
+                    call: Box::new(c.clone()),
+                }],
+            )
+        };
+        s.apply(&put(1, &c));
+        let reassign = |id, from: &str, to: &str| {
+            entry(
+                id,
+                11,
+                vec![Command::Reassign {
+                    call_id: "c1".into(),
+                    from: from.into(),
+                    to: to.into(),
+                }],
+            )
+        };
+        // Planned on stale state (the owner is not b9): nothing moves.
+        s.apply(&reassign(2, "b9", "b1"));
+        assert_eq!(s.call("c1").unwrap().owner, "a1");
+        s.apply(&reassign(3, "a1", "b1"));
+        assert_eq!(s.call("c1").unwrap().owner, "b1");
+        s.take_dirty();
+        // The old owner, back from a partition, cannot write the call back.
+        let mut stale = c.clone();
+        stale.a.local_seq = 9;
+        s.apply(&put(4, &stale));
+        assert_eq!(s.call("c1").unwrap().owner, "b1");
+        assert_eq!(s.call("c1").unwrap().a.local_seq, c.a.local_seq);
+        assert!(s.take_dirty().iter().all(|k| !matches!(k, Key::Call(_))));
+        // The new owner can.
+        let mut mine = c.clone();
+        mine.owner = "b1".into();
+        mine.a.local_seq = 10;
+        s.apply(&put(5, &mine));
+        assert_eq!(s.call("c1").unwrap().a.local_seq, 10);
+        // Members are recorded by Raft id.
+        let m = MemberRecord {
+            name: "b1".into(),
+            zone: "b".into(),
+            witness: false,
+        };
+        s.apply(&entry(
+            6,
+            12,
+            vec![Command::PutMember {
+                raft_id: 3,
+                member: m.clone(),
+            }],
+        ));
+        assert_eq!(s.members().get(&3), Some(&m));
+        assert!(s.take_dirty().contains(&Key::Member(3)));
     }
 
     #[test]

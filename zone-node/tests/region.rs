@@ -537,3 +537,72 @@ fn a_node_restarted_after_10000_commits_catches_up() {
         "b1 caught up by snapshot: the log was compacted past it"
     );
 }
+
+#[test]
+fn the_calls_of_a_sigkilled_node_are_reassigned_to_live_nodes() {
+    let mut region = Region::start("takeover");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (a1, a1_metrics) = region.member("a1").clone_addrs();
+    rt.block_on(async {
+        wait_ready(&region).await;
+        let callee = ua("1300").await;
+        assert_eq!(
+            register_until_ok(&callee, region.member("a2").sip, "1300", 50).await,
+            200
+        );
+        let caller = ua("1301").await;
+        // Calls held up while the node that set them up dies; the caller's
+        // BYE later goes nowhere, which this test does not look at.
+        let mut calls = vec![];
+        let caller = std::sync::Arc::new(caller);
+        for _ in 0..3 {
+            let c = caller.clone();
+            calls.push(tokio::spawn(async move {
+                c.call(
+                    &format!("sip:1300@{REALM}"),
+                    Flow::to(Transport::Udp, a1),
+                    Duration::from_secs(30),
+                )
+                .await
+            }));
+        }
+        if !wait_metric(a1_metrics, "sipzone_node_owned_calls", 3.0).await {
+            let active = metric(a1_metrics, "sipzone_node_active_calls");
+            let owned = metric(a1_metrics, "sipzone_node_owned_calls");
+            let mut results = vec![];
+            for c in calls {
+                results.push(c.await);
+            }
+            panic!("a1 owns {owned:?} calls, {active:?} active; calls: {results:?}");
+        }
+        std::mem::forget(callee);
+        std::mem::forget(calls);
+    });
+    #[allow(clippy::disallowed_methods)] // the test measures, it asserts no time
+    let killed_at = Instant::now();
+    region.kill("a1");
+    let others: Vec<(&str, SocketAddr)> = ["a2", "b1", "b2"]
+        .iter()
+        .map(|n| (*n, region.member(n).metrics))
+        .collect();
+    let mut owned = vec![];
+    for _ in 0..100 {
+        owned = others
+            .iter()
+            .map(|(n, m)| (*n, metric(*m, "sipzone_node_owned_calls").unwrap_or(0.0)))
+            .collect();
+        if owned.iter().map(|(_, v)| v).sum::<f64>() == 3.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "a1 SIGKILLed: its 3 calls reassigned within {:?}: {owned:?}",
+        killed_at.elapsed()
+    );
+    assert_eq!(owned.iter().map(|(_, v)| v).sum::<f64>(), 3.0, "{owned:?}");
+    assert!(
+        owned.iter().all(|(_, v)| *v <= 1.0),
+        "spread evenly: {owned:?}"
+    );
+}

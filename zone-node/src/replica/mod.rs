@@ -212,6 +212,12 @@ pub struct Replica<D: Disk, S: StateDb> {
     /// A commit index learnt after the last disk write, persisted with the
     /// next one (a lost commit index is recovered from the applied index).
     commit_to_persist: Option<u64>,
+    /// Ticks since start.
+    ticks: u64,
+    /// The tick at which each peer was last heard from.
+    heard: BTreeMap<u64, u64>,
+    /// The tick at which this replica last became leader.
+    leader_since: u64,
 }
 
 impl<D: Disk, S: StateDb> std::fmt::Debug for Replica<D, S> {
@@ -308,6 +314,9 @@ impl<D: Disk, S: StateDb> Replica<D, S> {
             outputs: VecDeque::new(),
             role: (0, 0),
             commit_to_persist: None,
+            ticks: 0,
+            heard: BTreeMap::new(),
+            leader_since: 0,
         })
     }
 
@@ -346,6 +355,35 @@ impl<D: Disk, S: StateDb> Replica<D, S> {
         self.node.store().len()
     }
 
+    /// Ticks since this replica started.
+    pub fn ticks(&self) -> u64 {
+        self.ticks
+    }
+
+    /// On the leader: the voters not heard from for `ticks` ticks (counted
+    /// from when this replica became leader at the earliest). Empty on a
+    /// follower, which cannot tell a dead peer from its own isolation.
+    pub fn silent_voters(&self, ticks: u64) -> Vec<u64> {
+        if !self.is_leader() {
+            return vec![];
+        }
+        self.conf
+            .voters
+            .iter()
+            .copied()
+            .filter(|v| *v != self.config.id)
+            .filter(|v| {
+                let last = self
+                    .heard
+                    .get(v)
+                    .copied()
+                    .unwrap_or(0)
+                    .max(self.leader_since);
+                self.ticks.saturating_sub(last) >= ticks
+            })
+            .collect()
+    }
+
     /// Own proposals waiting for their commit.
     pub fn pending_count(&self) -> usize {
         self.pending.len()
@@ -354,6 +392,7 @@ impl<D: Disk, S: StateDb> Replica<D, S> {
     /// Advances Raft's logical clock by one tick and retries proposals and
     /// reads that waited `retry_ticks`.
     pub fn tick(&mut self) {
+        self.ticks += 1;
         self.node.tick();
         let mut retry = Vec::new();
         for (id, p) in &mut self.pending {
@@ -399,6 +438,7 @@ impl<D: Disk, S: StateDb> Replica<D, S> {
     /// Feeds a message from a peer. A message raft-rs refuses (from an
     /// unknown peer, malformed) is logged and dropped.
     pub fn step(&mut self, msg: Message) {
+        self.heard.insert(msg.from, self.ticks);
         if let Err(e) = self.node.step(msg) {
             tracing::debug!(error = %e, "raft message dropped");
         }
@@ -483,6 +523,9 @@ impl<D: Disk, S: StateDb> Replica<D, S> {
                 let role = (self.node.raft.leader_id, self.node.raft.term);
                 if role != self.role {
                     let new_leader = role.0 != 0 && role.0 != self.role.0;
+                    if role.0 == self.config.id && self.role.0 != self.config.id {
+                        self.leader_since = self.ticks;
+                    }
                     self.role = role;
                     self.outputs.push_back(Output::Role {
                         leader: role.0,
@@ -964,6 +1007,27 @@ mod tests {
         let mut b = before;
         b.track_dirty(true);
         assert_eq!(after, b);
+    }
+
+    #[test]
+    fn the_leader_sees_which_voters_went_silent() {
+        let mut net = Net::new(3);
+        net.tick(30);
+        assert_eq!(net.leader(), Some(1));
+        assert!(net.nodes[&1].silent_voters(20).is_empty());
+        assert!(
+            net.nodes[&2].silent_voters(0).is_empty(),
+            "followers never tell"
+        );
+        net.crash(3);
+        // Heard at most two ticks (one heartbeat) before the crash.
+        net.tick(17);
+        assert!(net.nodes[&1].silent_voters(20).is_empty());
+        net.tick(3);
+        assert_eq!(net.nodes[&1].silent_voters(20), vec![3]);
+        net.restart(3);
+        net.tick(3);
+        assert!(net.nodes[&1].silent_voters(20).is_empty());
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! snapshot instead.
 //!
 //! Keys: `b/<aor>` bindings, `c/<call-id>` calls, `d/<call-id>` CDRs,
-//! `s/<node>` proposal de-duplication windows, `m/applied` the index. Values
+//! `s/<node>` proposal de-duplication windows, `n/<node>` members,
+//! `m/applied` the index. Values
 //! are the JSON of [`State::export`].
 
 use std::path::Path;
@@ -69,6 +70,7 @@ fn raw_key(k: &Key) -> Vec<u8> {
         Key::Call(id) => [b"c/", id.as_bytes()].concat(),
         Key::Cdr(id) => [b"d/", id.as_bytes()].concat(),
         Key::Seen(n) => [b"s/".as_slice(), &n.to_be_bytes()].concat(),
+        Key::Member(n) => [b"n/".as_slice(), &n.to_be_bytes()].concat(),
     }
 }
 
