@@ -682,11 +682,9 @@ impl State {
                     self.touch(|| Key::Call(call_id.clone()));
                 }
             }
-            Command::PutMember { raft_id, member } => {
-                if self.members.get(raft_id) != Some(member) {
-                    self.members.insert(*raft_id, member.clone());
-                    self.touch(|| Key::Member(*raft_id));
-                }
+            Command::PutMember { raft_id, member } if self.members.get(raft_id) != Some(member) => {
+                self.members.insert(*raft_id, member.clone());
+                self.touch(|| Key::Member(*raft_id));
             }
             Command::EndCall { call_id, cdr } => {
                 self.touch(|| Key::Call(call_id.clone()));
@@ -1410,10 +1408,6 @@ mod tests {
         assert!(st.take_committed().is_empty());
         assert_eq!(st.state().binding_count(), 0);
         assert_eq!(st.expire(1000), 0);
-    }
-
-    fn leg(call_id: &str) -> LegRecord {
-        test_leg(call_id)
     }
 
     fn call(id: &str) -> CallRecord {
