@@ -96,11 +96,24 @@ pub struct SledStateDb {
 }
 
 impl SledStateDb {
-    /// Opens (or creates) the database in directory `path`.
+    /// Opens (or creates) the database in directory `path`; sled writes
+    /// its buffers out every 500 ms in the background.
     pub fn open(path: &Path) -> Result<SledStateDb, StateDbError> {
-        Ok(SledStateDb {
-            db: sled::open(path)?,
-        })
+        SledStateDb::open_with(path, Some(500))
+    }
+
+    /// Like [`SledStateDb::open`] with the background write-out period in
+    /// milliseconds (`None`: only when dropped, which also releases the
+    /// file lock at once: a test that reopens the database needs that).
+    pub fn open_with(
+        path: &Path,
+        flush_every_ms: Option<u64>,
+    ) -> Result<SledStateDb, StateDbError> {
+        let db = sled::Config::new()
+            .path(path)
+            .flush_every_ms(flush_every_ms)
+            .open()?;
+        Ok(SledStateDb { db })
     }
 }
 
@@ -191,7 +204,7 @@ mod tests {
         let mut s = State::new();
         s.track_dirty(true);
         {
-            let mut db = SledStateDb::open(&dir).unwrap();
+            let mut db = SledStateDb::open_with(&dir, None).unwrap();
             for (i, u) in ["alice", "bob", "carol"].iter().enumerate() {
                 s.apply_at(i as u64 + 1, o, &reg(i as u64 + 1, u, 1));
                 let keys = s.take_dirty();
@@ -199,7 +212,7 @@ mod tests {
             }
             assert_eq!(db.load().unwrap().binding_count(), 3);
         }
-        let mut db = SledStateDb::open(&dir).unwrap();
+        let mut db = SledStateDb::open_with(&dir, None).unwrap();
         let mut loaded = db.load().unwrap();
         assert_eq!(loaded.applied_index(), 3);
         loaded.track_dirty(true);
