@@ -7,10 +7,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::ClusterConfig;
-use crate::peer::{Identity, PeerEvent, Peers};
+use crate::peer::{AdminReply, AdminRequest, Identity, PeerEvent, Peers};
 use crate::replica::redb_disk::RedbDisk;
 use crate::replica::statedb::SledStateDb;
 use crate::replica::{Output, Replica, ReplicaConfig};
@@ -33,6 +33,8 @@ pub struct Raft {
     announced_at: Option<u64>,
     /// Tick of the last reassignment proposed per dead node.
     reassigned_at: BTreeMap<String, u64>,
+    /// Operators waiting for their membership change to apply.
+    admin_waiting: Vec<oneshot::Sender<AdminReply>>,
 }
 
 /// Ticks before an announcement or reassignment that has not taken effect
@@ -40,8 +42,61 @@ pub struct Raft {
 const REPROPOSE_TICKS: u64 = 40;
 
 impl Raft {
-    /// Proposes this node's member record while the state lacks it.
+    /// Proposes an operator's membership change; the reply goes out when a
+    /// change is applied here (or at once if raft-rs refuses it).
+    fn admin(&mut self, req: AdminRequest, reply: oneshot::Sender<AdminReply>) {
+        use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
+        let mut changes = vec![];
+        let mut push = |t: ConfChangeType, id: u64| {
+            let mut c = ConfChangeSingle::default();
+            c.set_change_type(t);
+            c.node_id = id;
+            changes.push(c);
+        };
+        req.add_voters
+            .iter()
+            .for_each(|id| push(ConfChangeType::AddNode, *id));
+        req.add_learners
+            .iter()
+            .for_each(|id| push(ConfChangeType::AddLearnerNode, *id));
+        req.remove
+            .iter()
+            .for_each(|id| push(ConfChangeType::RemoveNode, *id));
+        if changes.is_empty() {
+            let _ = reply.send(AdminReply::Failed("no change asked".into()));
+            return;
+        }
+        if let Some(m) = &req.member {
+            self.peers.set_addr(m.id, m.addr);
+        }
+        let mut cc = ConfChangeV2::default();
+        // More than one change: joint consensus, left automatically.
+        cc.set_changes(changes.into());
+        let context = req
+            .member
+            .as_ref()
+            .and_then(|m| serde_json::to_vec(m).ok())
+            .unwrap_or_default();
+        match self.replica.propose_conf_change(cc, context.into()) {
+            Ok(()) => self.admin_waiting.push(reply),
+            Err(e) => {
+                let _ = reply.send(AdminReply::Failed(e.to_string()));
+            }
+        }
+    }
+
+    /// Proposes this node's member record while the state lacks it, and
+    /// learns the Raft addresses of the members the state lists.
     fn announce(&mut self, now_unix: u64, next_id: &mut u64) {
+        if self.replica.ticks().is_multiple_of(20) {
+            for (id, m) in self.replica.state().members() {
+                if let Some(a) = m.raft_addr
+                    && *id != self.replica.id()
+                {
+                    self.peers.set_addr(*id, a);
+                }
+            }
+        }
         let id = self.replica.id();
         if self.replica.role().0 == 0 || self.replica.state().members().get(&id) == Some(&self.me) {
             return;
@@ -172,6 +227,7 @@ impl NodeStore {
                 takeover_ticks: (cfg.takeover_after_ms / cfg.tick_ms).max(1),
                 announced_at: None,
                 reassigned_at: BTreeMap::new(),
+                admin_waiting: vec![],
             })),
             events,
         ))
@@ -210,6 +266,7 @@ impl NodeStore {
                 PeerEvent::Message(m) => r.replica.step(*m),
                 PeerEvent::Unreachable(id) => r.replica.report_unreachable(id),
                 PeerEvent::Snapshot(id, ok) => r.replica.report_snapshot(id, ok),
+                PeerEvent::Admin(req, reply) => r.admin(req, reply),
             }
         }
     }
@@ -261,7 +318,13 @@ impl NodeStore {
                             if let Ok(m) = serde_json::from_slice::<Member>(&context) {
                                 r.peers.set_addr(m.id, m.addr);
                             }
-                            tracing::info!(voters = ?conf.voters, "membership");
+                            tracing::info!(voters = ?conf.voters, learners = ?conf.learners, "membership");
+                            for w in r.admin_waiting.drain(..) {
+                                let _ = w.send(AdminReply::Done {
+                                    voters: conf.voters.clone(),
+                                    learners: conf.learners.clone(),
+                                });
+                            }
                         }
                         Output::ReadReady(_) | Output::ReadFailed(_) => {}
                     }
@@ -290,7 +353,7 @@ fn take_id(next_id: &mut u64) -> ProposalId {
 }
 
 /// A member as a membership change announces it (the change's context).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Member {
     /// Raft id.
     pub id: u64,

@@ -104,6 +104,7 @@ impl Node {
                     name: cfg.node.id.clone(),
                     zone: cfg.node.zone.clone(),
                     witness: cfg.node.is_witness(),
+                    raft_addr: Some(c.listen),
                 };
                 let (s, ev) = NodeStore::open_raft(c, me, &cfg.node.data_dir.join("raft"), boot)?;
                 (s, Some(ev))

@@ -16,6 +16,97 @@ struct Args {
     /// Validate the configuration and exit.
     #[arg(long)]
     check: bool,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Cmd {
+    /// Change the membership of the region through the node that runs with
+    /// `--config` (its cluster certificate authenticates the request).
+    #[command(subcommand)]
+    Member(MemberCmd),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum MemberCmd {
+    /// Add a node (as a learner with --learner, else as a voter).
+    Add {
+        /// Its Raft id.
+        #[arg(long)]
+        id: u64,
+        /// Its Raft listener.
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        /// Its zone label.
+        #[arg(long, default_value = "")]
+        zone: String,
+        /// Add it as a learner (promote it once it caught up).
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Make a learner a voter.
+    Promote {
+        /// Its Raft id.
+        #[arg(long)]
+        id: u64,
+    },
+    /// Remove a node.
+    Remove {
+        /// Its Raft id.
+        #[arg(long)]
+        id: u64,
+    },
+}
+
+fn member(cfg: &Config, cmd: MemberCmd) -> Result<()> {
+    use zone_node::peer::{AdminReply, AdminRequest, Identity};
+    let c = cfg
+        .cluster
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("the configuration has no [cluster]"))?;
+    let identity = Identity {
+        ca_pem: std::fs::read(&c.ca)?,
+        cert_pem: std::fs::read(&c.cert)?,
+        key_pem: std::fs::read(&c.key)?,
+    };
+    let mut req = AdminRequest {
+        add_voters: vec![],
+        add_learners: vec![],
+        remove: vec![],
+        member: None,
+    };
+    match cmd {
+        MemberCmd::Add {
+            id,
+            addr,
+            zone,
+            learner,
+        } => {
+            if learner {
+                req.add_learners.push(id);
+            } else {
+                req.add_voters.push(id);
+            }
+            req.member = Some(zone_node::cluster::Member { id, addr, zone });
+        }
+        MemberCmd::Promote { id } => req.add_voters.push(id),
+        MemberCmd::Remove { id } => req.remove.push(id),
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let reply = rt.block_on(zone_node::peer::admin(
+        &identity,
+        c.listen,
+        &req,
+        std::time::Duration::from_secs(10),
+    ))?;
+    println!("{}", serde_json::to_string(&reply)?);
+    match reply {
+        AdminReply::Done { .. } => Ok(()),
+        AdminReply::Failed(why) => Err(anyhow::anyhow!("membership change failed: {why}")),
+    }
 }
 
 fn main() -> Result<()> {
@@ -25,6 +116,9 @@ fn main() -> Result<()> {
     if args.check {
         println!("{}: ok", args.config.display());
         return Ok(());
+    }
+    if let Some(Cmd::Member(m)) = args.command {
+        return member(&cfg, m);
     }
     zone_node::driver::init_logging(&cfg.log);
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -52,9 +52,40 @@ pub enum PeerError {
     },
 }
 
+/// A membership change asked by an operator (`sipzone-node member ...`)
+/// over the cluster's mutual TLS: only holders of a cluster certificate can
+/// ask.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AdminRequest {
+    /// Voters to add (or learners to promote).
+    pub add_voters: Vec<u64>,
+    /// Learners to add.
+    pub add_learners: Vec<u64>,
+    /// Members to remove.
+    pub remove: Vec<u64>,
+    /// The new member's Raft listener and zone, announced to every replica.
+    pub member: Option<crate::cluster::Member>,
+}
+
+/// The answer to an [`AdminRequest`]: the configuration after it, or why not.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum AdminReply {
+    /// Applied: the voters and learners now.
+    Done {
+        /// Voter ids.
+        voters: Vec<u64>,
+        /// Learner ids.
+        learners: Vec<u64>,
+    },
+    /// Refused or failed.
+    Failed(String),
+}
+
 /// What the transport hands to the node loop.
 #[derive(Debug)]
 pub enum PeerEvent {
+    /// An operator's membership change; answer on `reply`.
+    Admin(AdminRequest, tokio::sync::oneshot::Sender<AdminReply>),
     /// A Raft message from a peer.
     Message(Box<Message>),
     /// Peer `id` could not be reached.
@@ -334,11 +365,99 @@ async fn accept_loop(
                     return;
                 }
             };
-            while let Ok(stream) = conn.accept_uni().await {
-                tokio::spawn(read_frames(stream, events.clone()));
+            loop {
+                tokio::select! {
+                    uni = conn.accept_uni() => match uni {
+                        Ok(stream) => {
+                            tokio::spawn(read_frames(stream, events.clone()));
+                        }
+                        Err(_) => break,
+                    },
+                    bi = conn.accept_bi() => match bi {
+                        Ok((send, recv)) => {
+                            tokio::spawn(serve_admin(send, recv, events.clone()));
+                        }
+                        Err(_) => break,
+                    },
+                }
             }
         });
     }
+}
+
+/// Largest admin request or reply.
+const MAX_ADMIN: usize = 64 * 1024;
+
+/// One admin exchange on a bidirectional stream: a JSON request, a JSON
+/// reply, each ended by finishing the stream.
+async fn serve_admin(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    events: mpsc::Sender<PeerEvent>,
+) {
+    let reply = match recv.read_to_end(MAX_ADMIN).await {
+        Ok(body) => match serde_json::from_slice::<AdminRequest>(&body) {
+            Ok(req) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                if events.send(PeerEvent::Admin(req, tx)).await.is_err() {
+                    AdminReply::Failed("node stopping".into())
+                } else {
+                    rx.await
+                        .unwrap_or_else(|_| AdminReply::Failed("no answer".into()))
+                }
+            }
+            Err(e) => AdminReply::Failed(format!("bad request: {e}")),
+        },
+        Err(e) => AdminReply::Failed(format!("reading the request: {e}")),
+    };
+    if let Ok(b) = serde_json::to_vec(&reply) {
+        let _ = send.write_all(&b).await;
+        let _ = send.finish();
+        let _ = send.stopped().await;
+    }
+}
+
+/// Sends `req` to the member listening at `addr` with this node's cluster
+/// identity and waits for its reply (at most `limit`).
+pub async fn admin(
+    identity: &Identity,
+    addr: SocketAddr,
+    req: &AdminRequest,
+    limit: Duration,
+) -> Result<AdminReply, PeerError> {
+    let (_, cc) = quic_configs(identity)?;
+    let local: SocketAddr = if addr.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    };
+    let mut ep = quinn::Endpoint::client(local).map_err(|source| PeerError::Bind {
+        addr: local,
+        source,
+    })?;
+    ep.set_default_client_config(cc);
+    let io = |e: String| PeerError::Tls(e);
+    let exchange = async {
+        let conn = ep
+            .connect(addr, CLUSTER_NAME)
+            .map_err(|e| io(e.to_string()))?
+            .await
+            .map_err(|e| io(e.to_string()))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| io(e.to_string()))?;
+        let body = serde_json::to_vec(req).map_err(|e| io(e.to_string()))?;
+        send.write_all(&body).await.map_err(|e| io(e.to_string()))?;
+        send.finish().map_err(|e| io(e.to_string()))?;
+        let reply = recv
+            .read_to_end(MAX_ADMIN)
+            .await
+            .map_err(|e| io(e.to_string()))?;
+        serde_json::from_slice::<AdminReply>(&reply).map_err(|e| io(e.to_string()))
+    };
+    let out = tokio::time::timeout(limit, exchange)
+        .await
+        .unwrap_or_else(|_| Err(io(format!("no reply from {addr} within {limit:?}"))));
+    ep.close(0u32.into(), b"done");
+    out
 }
 
 async fn read_frames(mut s: quinn::RecvStream, events: mpsc::Sender<PeerEvent>) {

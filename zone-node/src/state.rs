@@ -234,6 +234,9 @@ pub struct MemberRecord {
     pub zone: String,
     /// True for a witness (a voter that serves no SIP and owns no call).
     pub witness: bool,
+    /// Its Raft listener, so every replica can reach it after a restart.
+    #[serde(default)]
+    pub raft_addr: Option<std::net::SocketAddr>,
 }
 
 impl Command {
@@ -1479,6 +1482,7 @@ mod tests {
             name: "b1".into(),
             zone: "b".into(),
             witness: false,
+            raft_addr: None,
         };
         s.apply(&entry(
             6,

@@ -33,6 +33,7 @@ struct Member {
     name: &'static str,
     proc: Option<Proc>,
     sip: SocketAddr,
+    raft: u16,
     metrics: SocketAddr,
     config: PathBuf,
     witness: bool,
@@ -48,52 +49,32 @@ impl Member {
 struct Region {
     dir: PathBuf,
     members: Vec<Member>,
+    ca: Ca,
 }
 
-impl Region {
-    /// Writes the PKI and the configs of a new region under the test's
-    /// directory and starts every member.
-    fn start(name: &str) -> Region {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join("region")
-            .join(name);
-        let _ = std::fs::remove_dir_all(&dir);
-        let pki = dir.join("pki");
-        std::fs::create_dir_all(&pki).unwrap();
-        let ca = Ca::new("sipzone test cluster").unwrap();
-        ca.write_ca(&pki).unwrap();
-        // One digest nonce secret for the region: any node verifies any nonce.
-        std::fs::write(dir.join("secret"), "5a".repeat(32)).unwrap();
-        let ports: Vec<(u16, u16, u16)> = MEMBERS
-            .iter()
-            .map(|_| (free_port(), free_port(), free_port()))
-            .collect();
-        let mut members = vec![];
-        for (i, (name, id, zone, witness)) in MEMBERS.iter().enumerate() {
-            ca.issue(&["sipzone-cluster"])
-                .unwrap()
-                .write(&pki, name)
-                .unwrap();
-            let (sip, raft, metrics) = ports[i];
-            let peers: Vec<String> = MEMBERS
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(j, (_, pid, pzone, _))| {
-                    format!(
-                        "{{ id = {pid}, addr = \"127.0.0.1:{}\", zone = \"{pzone}\" }}",
-                        ports[j].1
-                    )
-                })
-                .collect();
-            let sip_section = if *witness {
-                String::new()
-            } else {
-                format!("[sip]\nudp = [\"127.0.0.1:{sip}\"]\ntcp = [\"127.0.0.1:{sip}\"]\n")
-            };
-            let role = if *witness { "witness" } else { "switch" };
-            let cfg = format!(
-                r#"
+/// One member's configuration: (name, raft id, zone, witness), its ports
+/// (SIP, Raft, metrics), its peers' `(id, raft port, zone)` and the
+/// bootstrap voters (empty for a node joining later).
+fn member_config(
+    (name, id, zone, witness): (&str, u64, &str, bool),
+    (sip, raft, metrics): (u16, u16, u16),
+    peers: &[(u64, u16, &str)],
+    bootstrap: &str,
+) -> String {
+    let peers: Vec<String> = peers
+        .iter()
+        .map(|(pid, port, pzone)| {
+            format!("{{ id = {pid}, addr = \"127.0.0.1:{port}\", zone = \"{pzone}\" }}")
+        })
+        .collect();
+    let sip_section = if witness {
+        String::new()
+    } else {
+        format!("[sip]\nudp = [\"127.0.0.1:{sip}\"]\ntcp = [\"127.0.0.1:{sip}\"]\n")
+    };
+    let role = if witness { "witness" } else { "switch" };
+    format!(
+        r#"
 [node]
 id = "{name}"
 zone = "{zone}"
@@ -119,27 +100,93 @@ listen = "127.0.0.1:{raft}"
 ca = "pki/ca.pem"
 cert = "pki/{name}.pem"
 key = "pki/{name}.key"
-bootstrap = [1, 2, 3, 4, 5]
+bootstrap = [{bootstrap}]
 peers = [{peers}]
 "#,
-                peers = peers.join(", ")
-            );
-            let config = dir.join(format!("{name}.toml"));
-            std::fs::write(&config, cfg).unwrap();
-            members.push(Member {
-                name,
-                proc: None,
-                sip: addr(sip),
-                metrics: addr(metrics),
-                config,
-                witness: *witness,
-            });
+        peers = peers.join(", ")
+    )
+}
+
+impl Region {
+    /// Writes the PKI and the configs of a new region under the test's
+    /// directory and starts every member.
+    fn start(name: &str) -> Region {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join("region")
+            .join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        let pki = dir.join("pki");
+        std::fs::create_dir_all(&pki).unwrap();
+        let ca = Ca::new("sipzone test cluster").unwrap();
+        ca.write_ca(&pki).unwrap();
+        // One digest nonce secret for the region: any node verifies any nonce.
+        std::fs::write(dir.join("secret"), "5a".repeat(32)).unwrap();
+        let ports: Vec<(u16, u16, u16)> = MEMBERS
+            .iter()
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
+        let mut region = Region {
+            dir,
+            members: vec![],
+            ca,
+        };
+        for (i, m) in MEMBERS.iter().enumerate() {
+            let peers: Vec<(u64, u16, &str)> = MEMBERS
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(j, p)| (p.1, ports[j].1, p.2))
+                .collect();
+            region.add(*m, ports[i], &peers, "1, 2, 3, 4, 5");
         }
-        let mut region = Region { dir, members };
         for i in 0..region.members.len() {
             region.spawn(i);
         }
         region
+    }
+
+    /// Issues the member's certificate and writes its config (not started).
+    fn add(
+        &mut self,
+        m: (&'static str, u64, &str, bool),
+        ports: (u16, u16, u16),
+        peers: &[(u64, u16, &str)],
+        bootstrap: &str,
+    ) {
+        self.ca
+            .issue(&["sipzone-cluster"])
+            .unwrap()
+            .write(&self.dir.join("pki"), m.0)
+            .unwrap();
+        let config = self.dir.join(format!("{}.toml", m.0));
+        std::fs::write(&config, member_config(m, ports, peers, bootstrap)).unwrap();
+        self.members.push(Member {
+            name: m.0,
+            proc: None,
+            sip: addr(ports.0),
+            raft: ports.1,
+            metrics: addr(ports.2),
+            config,
+            witness: m.3,
+        });
+    }
+
+    /// Runs `sipzone-node --config <via's config> member ARGS...`; returns
+    /// its exit status and output.
+    fn member_cmd(&self, via: &str, args: &[&str]) -> (bool, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_sipzone-node"))
+            .arg("--config")
+            .arg(&self.member(via).config)
+            .arg("member")
+            .args(args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
     }
 
     fn spawn(&mut self, i: usize) {
@@ -536,6 +583,55 @@ fn a_node_restarted_after_10000_commits_catches_up() {
         region.log("b1").contains("snapshot installed"),
         "b1 caught up by snapshot: the log was compacted past it"
     );
+    // A new node joins as a learner, receives the state as a snapshot, and
+    // is promoted to voter.
+    let peers: Vec<(u64, u16, &str)> = MEMBERS
+        .iter()
+        .map(|m| (m.1, region.member(m.0).raft, m.2))
+        .collect();
+    let ports = (free_port(), free_port(), free_port());
+    region.add(("a3", 6, "a", false), ports, &peers, "");
+    let i = region.members.len() - 1;
+    region.spawn(i);
+    let (ok, out) = region.member_cmd(
+        "a1",
+        &[
+            "add",
+            "--id",
+            "6",
+            "--addr",
+            &format!("127.0.0.1:{}", ports.1),
+            "--zone",
+            "a",
+            "--learner",
+        ],
+    );
+    assert!(ok, "member add: {out}");
+    assert!(out.contains("\"learners\":[6]"), "{out}");
+    let a3 = region.member("a3").metrics;
+    rt.block_on(async {
+        assert!(
+            wait_metric(a3, "sipzone_node_registrations", 1001.0).await,
+            "a3 did not receive the state; log:\n{}",
+            region.log("a3")
+        );
+    });
+    assert!(
+        region.log("a3").contains("snapshot installed"),
+        "{}",
+        region.log("a3")
+    );
+    let (ok, out) = region.member_cmd("b2", &["promote", "--id", "6"]);
+    assert!(ok, "member promote: {out}");
+    let reply: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let mut voters: Vec<u64> = reply["Done"]["voters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    voters.sort_unstable();
+    assert_eq!(voters, vec![1, 2, 3, 4, 5, 6], "{out}");
 }
 
 #[test]

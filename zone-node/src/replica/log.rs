@@ -154,12 +154,33 @@ pub fn apply_batch(p: &mut Persisted, batch: &Batch) {
 #[derive(Debug, Default)]
 pub struct RaftLog {
     p: Persisted,
+    /// The membership as applied now: a kept snapshot taken under another
+    /// membership is not sent (a new member is not in its ConfState).
+    conf_now: ConfState,
+    /// Set when raft-rs asked for a snapshot the log could not give: the
+    /// replica takes a fresh one.
+    wanted: std::sync::atomic::AtomicBool,
 }
 
 impl RaftLog {
     /// The log over what a disk loaded.
     pub fn new(p: Persisted) -> RaftLog {
-        RaftLog { p }
+        RaftLog {
+            conf_now: p.conf.clone(),
+            p,
+            wanted: Default::default(),
+        }
+    }
+
+    /// Records the membership as applied now.
+    pub fn set_conf_now(&mut self, conf: ConfState) {
+        self.conf_now = conf;
+    }
+
+    /// True (once) when raft-rs asked for a snapshot newer than the kept one.
+    pub fn take_wanted(&self) -> bool {
+        self.wanted
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Applies a batch that was (or is about to be) written to disk.
@@ -243,7 +264,13 @@ impl raft::Storage for RaftLog {
 
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         let s = &self.p.snapshot;
-        if s.get_metadata().index == 0 || s.get_metadata().index < request_index {
+        if s.get_metadata().index == 0
+            || s.get_metadata().index < request_index
+            || s.get_metadata().get_conf_state() != &self.conf_now
+        {
+            // raft-rs asks again later; by then the replica has taken one.
+            self.wanted
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             return Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,
             ));
@@ -309,6 +336,7 @@ mod tests {
             ..Batch::default()
         });
         assert!(log.snapshot(0, 2).is_err(), "no snapshot yet");
+        assert!(log.take_wanted() && !log.take_wanted());
         let mut s = Snapshot::default();
         s.mut_metadata().index = 10;
         s.mut_metadata().term = 3;
@@ -325,7 +353,14 @@ mod tests {
             log.initial_state().unwrap().conf_state.voters,
             vec![1, 2, 3]
         );
+        log.set_conf_now(s.get_metadata().get_conf_state().clone());
         assert_eq!(log.snapshot(5, 2).unwrap(), s);
+        // Taken under another membership: not sent, a new one is wanted.
+        let mut grown = s.get_metadata().get_conf_state().clone();
+        grown.learners = vec![4];
+        log.set_conf_now(grown);
+        assert!(log.snapshot(5, 4).is_err());
+        assert!(log.take_wanted());
     }
 
     #[test]

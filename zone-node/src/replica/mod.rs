@@ -394,6 +394,9 @@ impl<D: Disk, S: StateDb> Replica<D, S> {
     pub fn tick(&mut self) {
         self.ticks += 1;
         self.node.tick();
+        if let Err(e) = self.refresh_snapshot() {
+            tracing::error!(error = %e, "taking a snapshot failed");
+        }
         let mut retry = Vec::new();
         for (id, p) in &mut self.pending {
             p.ticks += 1;
@@ -560,6 +563,7 @@ impl<D: Disk, S: StateDb> Replica<D, S> {
                 self.state = decode_state(s)?;
                 self.state.track_dirty(true);
                 self.conf = s.get_metadata().get_conf_state().clone();
+                self.node.mut_store().set_conf_now(self.conf.clone());
                 self.statedb.replace(&self.state)?;
                 tracing::info!(index = s.get_metadata().index, "snapshot installed");
             }
@@ -582,6 +586,7 @@ impl<D: Disk, S: StateDb> Replica<D, S> {
             self.node.advance_apply();
             self.finish_reads();
             self.maybe_compact()?;
+            self.refresh_snapshot()?;
             if std::mem::take(&mut resubmit) {
                 self.resubmit_pending();
             }
@@ -692,6 +697,7 @@ impl<D: Disk, S: StateDb> Replica<D, S> {
         };
         self.disk.write(&batch)?;
         self.node.mut_store().apply(&batch);
+        self.node.mut_store().set_conf_now(cs.clone());
         tracing::info!(voters = ?cs.voters, learners = ?cs.learners, "membership changed");
         self.conf = cs.clone();
         self.outputs.push_back(Output::ConfChanged {
@@ -701,14 +707,10 @@ impl<D: Disk, S: StateDb> Replica<D, S> {
         Ok(())
     }
 
-    /// Compacts the log behind a snapshot of the applied state once it
-    /// holds more than `compact_after` entries.
-    fn maybe_compact(&mut self) -> Result<(), ReplicaError> {
+    /// A snapshot of the applied state, at the applied index, under the
+    /// current membership.
+    fn snapshot_now(&self) -> Result<Snapshot, ReplicaError> {
         let applied = self.state.applied_index();
-        let (trunc, _) = self.node.store().trunc();
-        if applied.saturating_sub(trunc) <= self.config.compact_after {
-            return Ok(());
-        }
         let term = self.node.store().term(applied)?;
         let mut snap = Snapshot::default();
         snap.data = serde_json::to_vec(&self.state)
@@ -721,6 +723,37 @@ impl<D: Disk, S: StateDb> Replica<D, S> {
         meta.index = applied;
         meta.term = term;
         meta.set_conf_state(self.conf.clone());
+        Ok(snap)
+    }
+
+    /// Takes a fresh snapshot when raft-rs asked for one the log could not
+    /// give (a new member, or one behind the kept snapshot's membership).
+    fn refresh_snapshot(&mut self) -> Result<(), ReplicaError> {
+        if !self.node.store().take_wanted() || self.state.applied_index() == 0 {
+            return Ok(());
+        }
+        let batch = Batch {
+            keep: Some(self.snapshot_now()?),
+            ..Batch::default()
+        };
+        self.disk.write(&batch)?;
+        self.node.mut_store().apply(&batch);
+        tracing::debug!(
+            index = self.state.applied_index(),
+            "snapshot taken for a follower"
+        );
+        Ok(())
+    }
+
+    /// Compacts the log behind a snapshot of the applied state once it
+    /// holds more than `compact_after` entries.
+    fn maybe_compact(&mut self) -> Result<(), ReplicaError> {
+        let applied = self.state.applied_index();
+        let (trunc, _) = self.node.store().trunc();
+        if applied.saturating_sub(trunc) <= self.config.compact_after {
+            return Ok(());
+        }
+        let snap = self.snapshot_now()?;
         let upto = applied
             .saturating_sub(self.config.compact_margin)
             .max(trunc);

@@ -85,6 +85,10 @@ fn parse_key(raw: &[u8]) -> Option<Key> {
             .try_into()
             .ok()
             .map(|b| Key::Seen(u64::from_be_bytes(b))),
+        b"n/" => rest
+            .try_into()
+            .ok()
+            .map(|b| Key::Member(u64::from_be_bytes(b))),
         _ => None,
     }
 }
@@ -194,6 +198,21 @@ mod tests {
                 },
             }],
         }
+    }
+
+    #[test]
+    fn every_key_kind_round_trips() {
+        let keys = [
+            Key::Bindings(Aor::parse("sip:alice@sipzone.local").unwrap()),
+            Key::Call("c@h".into()),
+            Key::Cdr("c@h".into()),
+            Key::Seen(7),
+            Key::Member(3),
+        ];
+        for k in keys {
+            assert_eq!(parse_key(&raw_key(&k)), Some(k.clone()), "{k:?}");
+        }
+        assert_eq!(parse_key(b"x/1"), None);
     }
 
     #[test]
