@@ -389,35 +389,91 @@ impl Store for NodeStore {
 /// The loop of a witness: a Raft voter with storage and no SIP. Returns
 /// when `stop` changes, or with the error that made the replica unusable.
 pub async fn run_witness(
+    store: NodeStore,
+    events: mpsc::Receiver<PeerEvent>,
+    tick: Duration,
+    stop: watch::Receiver<bool>,
+) -> Result<()> {
+    run_replica(store, events, tick, stop, None).await
+}
+
+/// Entries proposed to [`run_replica`] from outside, and where their
+/// commits are reported (the Raft benchmark drives a replica this way).
+#[derive(Debug)]
+pub struct Proposals {
+    /// Entries to propose (their ids are replaced by the loop's own).
+    pub entries: mpsc::Receiver<Entry>,
+    /// `(id given by the caller, id used)`: sent once per entry as it is
+    /// proposed, so the caller can match commits.
+    pub numbered: mpsc::UnboundedSender<(ProposalId, ProposalId)>,
+    /// Ids of committed entries.
+    pub committed: mpsc::UnboundedSender<ProposalId>,
+}
+
+fn propose_outside(store: &mut NodeStore, mut e: Entry, p: &Option<Proposals>, next_id: &mut u64) {
+    let asked = e.id;
+    e.id = take_id(next_id);
+    if let Some(p) = p {
+        let _ = p.numbered.send((asked, e.id));
+    }
+    store.propose(e);
+}
+
+/// A replica's loop without SIP: ticks, peer messages, optional outside
+/// proposals, one Ready per batch of queued inputs.
+pub async fn run_replica(
     mut store: NodeStore,
     mut events: mpsc::Receiver<PeerEvent>,
     tick: Duration,
     mut stop: watch::Receiver<bool>,
+    mut proposals: Option<Proposals>,
 ) -> Result<()> {
     let mut ticker = tokio::time::interval(tick);
     let mut next_id = 1;
     let mut expire = tokio::time::interval(Duration::from_secs(10));
     loop {
+        let outside = async {
+            match proposals.as_mut() {
+                Some(p) => p.entries.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = ticker.tick() => store.tick(crate::driver::unix_now(), &mut next_id),
             ev = events.recv() => match ev {
                 Some(ev) => store.peer_event(ev),
                 None => break,
             },
+            e = outside => match e {
+                Some(e) => propose_outside(&mut store, e, &proposals, &mut next_id),
+                None => proposals = None,
+            },
             _ = expire.tick() => {
-                store.expire(crate::driver::unix_now(), ProposalId(next_id));
-                next_id += 1;
+                store.expire(crate::driver::unix_now(), take_id(&mut next_id));
             }
             _ = stop.changed() => break,
         }
         // One Ready for everything already queued.
         for _ in 0..512 {
-            match events.try_recv() {
-                Ok(ev) => store.peer_event(ev),
-                Err(_) => break,
+            let mut more = false;
+            if let Ok(ev) = events.try_recv() {
+                store.peer_event(ev);
+                more = true;
+            }
+            if let Some(e) = proposals.as_mut().and_then(|p| p.entries.try_recv().ok()) {
+                propose_outside(&mut store, e, &proposals, &mut next_id);
+                more = true;
+            }
+            if !more {
+                break;
             }
         }
-        store.process()?;
+        let progress = store.process()?;
+        if let Some(p) = &proposals {
+            for id in progress.committed {
+                let _ = p.committed.send(id);
+            }
+        }
     }
     store.close();
     Ok(())
