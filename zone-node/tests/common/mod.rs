@@ -1,0 +1,2 @@
+//! Harnesses shared by the process tests and benchmarks.
+pub mod region;
