@@ -39,7 +39,9 @@ fn load(region: &Region, label: &str, node: &str, n: u64, rate: u64) -> f64 {
     let limit = (n / rate.max(1)) as u32 * 3 + 30;
     let sipp = sipp_registrations(region, label, at, n, rate as u32, limit);
     let start = Instant::now();
-    let (code, stats) = sipp.run(Duration::from_secs(u64::from(limit) + 30)).unwrap();
+    let (code, stats) = sipp
+        .run(Duration::from_secs(u64::from(limit) + 30))
+        .unwrap();
     let wall = start.elapsed().as_secs_f64();
     let per_sec = stats.successful as f64 / wall;
     println!(

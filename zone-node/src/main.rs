@@ -57,6 +57,19 @@ enum MemberCmd {
         #[arg(long)]
         id: u64,
     },
+    /// Several changes at once, by joint consensus (for example replace a
+    /// voter: `--add-voter 6 --remove 2`).
+    Change {
+        /// Voters to add or learners to promote.
+        #[arg(long = "add-voter")]
+        add_voters: Vec<u64>,
+        /// Learners to add.
+        #[arg(long = "add-learner")]
+        add_learners: Vec<u64>,
+        /// Members to remove.
+        #[arg(long)]
+        remove: Vec<u64>,
+    },
 }
 
 fn member(cfg: &Config, cmd: MemberCmd) -> Result<()> {
@@ -92,6 +105,15 @@ fn member(cfg: &Config, cmd: MemberCmd) -> Result<()> {
         }
         MemberCmd::Promote { id } => req.add_voters.push(id),
         MemberCmd::Remove { id } => req.remove.push(id),
+        MemberCmd::Change {
+            add_voters,
+            add_learners,
+            remove,
+        } => {
+            req.add_voters = add_voters;
+            req.add_learners = add_learners;
+            req.remove = remove;
+        }
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

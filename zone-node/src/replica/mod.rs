@@ -1064,6 +1064,60 @@ mod tests {
     }
 
     #[test]
+    fn joint_consensus_replaces_a_voter_and_the_newcomer_gets_a_snapshot() {
+        use raft::eraftpb::{ConfChangeSingle, ConfChangeType};
+        let mut net = Net::new(3);
+        net.tick(30);
+        // Enough commits that the log is compacted: the newcomer needs a
+        // snapshot, taken under the membership that includes it.
+        for i in 0..80u64 {
+            net.nodes
+                .get_mut(&1)
+                .unwrap()
+                .propose(reg(i + 1, 5000 + i as u32));
+            net.settle();
+        }
+        assert!(net.disks[&1].contents().trunc.0 > 0);
+        let disk = MemDisk::new();
+        net.disks.insert(4, disk.clone());
+        net.nodes
+            .insert(4, R::open(cfg(4), disk, NoStateDb, 99, &[]).unwrap());
+        let change = |t: ConfChangeType, id: u64| {
+            let mut c = ConfChangeSingle::default();
+            c.set_change_type(t);
+            c.node_id = id;
+            c
+        };
+        let mut cc = ConfChangeV2::default();
+        cc.set_changes(
+            vec![
+                change(ConfChangeType::AddNode, 4),
+                change(ConfChangeType::RemoveNode, 3),
+            ]
+            .into(),
+        );
+        net.nodes
+            .get_mut(&1)
+            .unwrap()
+            .propose_conf_change(cc, Bytes::new())
+            .unwrap();
+        net.tick(10);
+        for id in [1, 2, 4] {
+            let c = net.nodes[&id].conf();
+            let mut v = c.voters.clone();
+            v.sort_unstable();
+            assert_eq!(v, vec![1, 2, 4], "replica {id}");
+            assert!(c.voters_outgoing.is_empty(), "joint configuration left");
+        }
+        assert_eq!(net.nodes[&4].state().binding_count(), 80);
+        // The removed replica no longer counts: 1, 2 and 4 commit alone.
+        net.crash(3);
+        net.nodes.get_mut(&4).unwrap().propose(reg(500, 6000));
+        net.settle();
+        assert_eq!(net.nodes[&1].state().binding_count(), 81);
+    }
+
+    #[test]
     fn read_index_is_served_after_commit() {
         let mut net = Net::new(3);
         net.tick(30);
