@@ -35,6 +35,8 @@ pub struct Raft {
     reassigned_at: BTreeMap<String, u64>,
     /// Operators waiting for their membership change to apply.
     admin_waiting: Vec<oneshot::Sender<AdminReply>>,
+    /// Operators waiting for their entry to commit, by proposal id.
+    admin_commits: HashMap<ProposalId, oneshot::Sender<AdminReply>>,
 }
 
 /// Ticks before an announcement or reassignment that has not taken effect
@@ -42,9 +44,43 @@ pub struct Raft {
 const REPROPOSE_TICKS: u64 = 40;
 
 impl Raft {
-    /// Proposes an operator's membership change; the reply goes out when a
-    /// change is applied here (or at once if raft-rs refuses it).
-    fn admin(&mut self, req: AdminRequest, reply: oneshot::Sender<AdminReply>) {
+    /// Serves an operator's request: a membership change is answered when
+    /// a change is applied here, a user change when its entry commits (or
+    /// at once when refused).
+    fn admin(
+        &mut self,
+        req: AdminRequest,
+        reply: oneshot::Sender<AdminReply>,
+        now_unix: u64,
+        next_id: &mut u64,
+    ) {
+        let cmd = match req {
+            AdminRequest::Members {
+                add_voters,
+                add_learners,
+                remove,
+                member,
+            } => return self.change_members(&add_voters, &add_learners, &remove, member, reply),
+            AdminRequest::PutUser { name, user } => Command::PutUser { name, user },
+            AdminRequest::RemoveUser { name } => Command::RemoveUser { name },
+        };
+        let id = take_id(next_id);
+        self.admin_commits.insert(id, reply);
+        self.replica.propose(Entry {
+            id,
+            at_unix: now_unix,
+            cmds: vec![cmd],
+        });
+    }
+
+    fn change_members(
+        &mut self,
+        add_voters: &[u64],
+        add_learners: &[u64],
+        remove: &[u64],
+        member: Option<Member>,
+        reply: oneshot::Sender<AdminReply>,
+    ) {
         use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
         let mut changes = vec![];
         let mut push = |t: ConfChangeType, id: u64| {
@@ -53,27 +89,26 @@ impl Raft {
             c.node_id = id;
             changes.push(c);
         };
-        req.add_voters
+        add_voters
             .iter()
             .for_each(|id| push(ConfChangeType::AddNode, *id));
-        req.add_learners
+        add_learners
             .iter()
             .for_each(|id| push(ConfChangeType::AddLearnerNode, *id));
-        req.remove
+        remove
             .iter()
             .for_each(|id| push(ConfChangeType::RemoveNode, *id));
         if changes.is_empty() {
             let _ = reply.send(AdminReply::Failed("no change asked".into()));
             return;
         }
-        if let Some(m) = &req.member {
+        if let Some(m) = &member {
             self.peers.set_addr(m.id, m.addr);
         }
         let mut cc = ConfChangeV2::default();
         // More than one change: joint consensus, left automatically.
         cc.set_changes(changes.into());
-        let context = req
-            .member
+        let context = member
             .as_ref()
             .and_then(|m| serde_json::to_vec(m).ok())
             .unwrap_or_default();
@@ -169,7 +204,7 @@ impl Raft {
 #[derive(Debug)]
 pub enum NodeStore {
     /// A node alone: applied at once, kept in memory.
-    Mem(MemStore),
+    Mem(Box<MemStore>),
     /// A replica of the region's Raft group.
     Raft(Box<Raft>),
 }
@@ -228,6 +263,7 @@ impl NodeStore {
                 announced_at: None,
                 reassigned_at: BTreeMap::new(),
                 admin_waiting: vec![],
+                admin_commits: HashMap::new(),
             })),
             events,
         ))
@@ -259,14 +295,17 @@ impl NodeStore {
         self.state().calls().filter(|c| c.owner == name).count()
     }
 
-    /// Feeds what the transport received.
-    pub fn peer_event(&mut self, ev: PeerEvent) {
+    /// Feeds what the transport received; an operator's request that needs
+    /// a proposal numbers it from `next_id`.
+    pub fn peer_event(&mut self, ev: PeerEvent, next_id: &mut u64) {
         if let NodeStore::Raft(r) = self {
             match ev {
                 PeerEvent::Message(m) => r.replica.step(*m),
                 PeerEvent::Unreachable(id) => r.replica.report_unreachable(id),
                 PeerEvent::Snapshot(id, ok) => r.replica.report_snapshot(id, ok),
-                PeerEvent::Admin(req, reply) => r.admin(req, reply),
+                PeerEvent::Admin(req, reply) => {
+                    r.admin(req, reply, crate::driver::unix_now(), next_id)
+                }
             }
         }
     }
@@ -329,10 +368,19 @@ impl NodeStore {
                         Output::ReadReady(_) | Output::ReadFailed(_) => {}
                     }
                 }
-                Ok(Progress {
-                    committed: r.replica.take_committed(),
-                    dropped: r.replica.take_dropped(),
-                })
+                let committed = r.replica.take_committed();
+                let dropped = r.replica.take_dropped();
+                for id in &committed {
+                    if let Some(w) = r.admin_commits.remove(id) {
+                        let _ = w.send(AdminReply::Committed);
+                    }
+                }
+                for id in &dropped {
+                    if let Some(w) = r.admin_commits.remove(id) {
+                        let _ = w.send(AdminReply::Failed("not committed".into()));
+                    }
+                }
+                Ok(Progress { committed, dropped })
             }
         }
     }
@@ -441,7 +489,7 @@ pub async fn run_replica(
         tokio::select! {
             _ = ticker.tick() => store.tick(crate::driver::unix_now(), &mut next_id),
             ev = events.recv() => match ev {
-                Some(ev) => store.peer_event(ev),
+                Some(ev) => store.peer_event(ev, &mut next_id),
                 None => break,
             },
             e = outside => match e {
@@ -457,7 +505,7 @@ pub async fn run_replica(
         for _ in 0..512 {
             let mut more = false;
             if let Ok(ev) = events.try_recv() {
-                store.peer_event(ev);
+                store.peer_event(ev, &mut next_id);
                 more = true;
             }
             if let Some(e) = proposals.as_mut().and_then(|p| p.entries.try_recv().ok()) {

@@ -27,7 +27,7 @@ use crate::directory::Directory;
 use crate::metrics as m;
 use crate::peer::PeerEvent;
 use crate::registrar::{LockoutConfig, Outcome, Pending, Registrar, RegistrarConfig};
-use crate::state::{MemStore, ProposalId, Store};
+use crate::state::{ProposalId, Store};
 
 /// Most queued events taken after one before the store runs its Ready loop.
 const BATCH: usize = 512;
@@ -109,7 +109,7 @@ impl Node {
                 let (s, ev) = NodeStore::open_raft(c, me, &cfg.node.data_dir.join("raft"), boot)?;
                 (s, Some(ev))
             }
-            None => (NodeStore::Mem(MemStore::default()), None),
+            None => (NodeStore::Mem(Box::default()), None),
         };
         let tick = Duration::from_millis(cfg.cluster.as_ref().map_or(50, |c| c.tick_ms));
         if let Some(addr) = cfg.metrics.listen {
@@ -202,6 +202,7 @@ impl Node {
             },
             8192,
         );
+        let base_directory = directory.clone();
         let registrar = Registrar::new(
             RegistrarConfig {
                 realm: cfg.auth.realm.clone(),
@@ -264,6 +265,8 @@ impl Node {
                 .as_ref()
                 .map(|o| Flow::to(o.transport_kind(), o.next_hop)),
             next_id: 1,
+            base_directory,
+            users_version: 0,
             node_id: cfg.node.id.clone(),
             store,
             rng,
@@ -333,6 +336,11 @@ struct Core {
     /// Node-wide proposal ids: every entry is numbered here, whichever core
     /// made it, so the state applies them in order.
     next_id: u64,
+    /// The users of the configuration; the replicated state's users are
+    /// laid over them.
+    base_directory: Directory,
+    /// The version of the replicated users last laid over the directory.
+    users_version: u64,
     /// This node's id (the owner name of its calls).
     node_id: String,
     store: NodeStore,
@@ -380,7 +388,7 @@ impl Core {
                 _ = tick.tick() => self.housekeeping(),
                 _ = raft_ticker.tick(), if replicated => self.store.tick(unix_now(), &mut self.next_id),
                 ev = peer_event => match ev {
-                    Some(ev) => self.store.peer_event(ev),
+                    Some(ev) => self.store.peer_event(ev, &mut self.next_id),
                     None => break,
                 },
                 _ = stop.changed() => break,
@@ -397,7 +405,7 @@ impl Core {
                     if let Some(rx) = peer_events.as_mut()
                         && let Ok(ev) = rx.try_recv()
                     {
-                        self.store.peer_event(ev);
+                        self.store.peer_event(ev, &mut self.next_id);
                         more = true;
                     }
                     if !more {
@@ -418,6 +426,16 @@ impl Core {
     /// committed (or were given up: 503).
     async fn progress(&mut self) -> Result<()> {
         let p = self.store.process()?;
+        let (users, version) = self.store.state().users();
+        if version != self.users_version {
+            let mut d = self.base_directory.clone();
+            for (name, u) in users {
+                d.insert(name.clone(), u.clone());
+            }
+            *self.registrar.directory_mut() = d;
+            self.users_version = version;
+            tracing::info!(users = users.len(), "replicated directory users loaded");
+        }
         for id in p.committed {
             if let Some((key, pending)) = self.pending.remove(&id) {
                 let resp = self.registrar.committed(pending, self.store.state());

@@ -26,6 +26,27 @@ enum Cmd {
     /// `--config` (its cluster certificate authenticates the request).
     #[command(subcommand)]
     Member(MemberCmd),
+    /// Add or remove directory users in the replicated state, through the
+    /// node that runs with `--config`.
+    #[command(subcommand)]
+    User(UserCmd),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum UserCmd {
+    /// Add (or replace) a user; the password is read from the first line
+    /// of standard input and only its HA1 hashes leave this process.
+    Add {
+        /// The digest user name.
+        #[arg(long)]
+        name: String,
+    },
+    /// Remove a user.
+    Remove {
+        /// The digest user name.
+        #[arg(long)]
+        name: String,
+    },
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -72,8 +93,9 @@ enum MemberCmd {
     },
 }
 
-fn member(cfg: &Config, cmd: MemberCmd) -> Result<()> {
-    use zone_node::peer::{AdminReply, AdminRequest, Identity};
+/// Sends an operator's request to the node of `cfg` and prints the reply.
+fn admin(cfg: &Config, req: zone_node::peer::AdminRequest) -> Result<()> {
+    use zone_node::peer::{AdminReply, Identity};
     let c = cfg
         .cluster
         .as_ref()
@@ -83,38 +105,6 @@ fn member(cfg: &Config, cmd: MemberCmd) -> Result<()> {
         cert_pem: std::fs::read(&c.cert)?,
         key_pem: std::fs::read(&c.key)?,
     };
-    let mut req = AdminRequest {
-        add_voters: vec![],
-        add_learners: vec![],
-        remove: vec![],
-        member: None,
-    };
-    match cmd {
-        MemberCmd::Add {
-            id,
-            addr,
-            zone,
-            learner,
-        } => {
-            if learner {
-                req.add_learners.push(id);
-            } else {
-                req.add_voters.push(id);
-            }
-            req.member = Some(zone_node::cluster::Member { id, addr, zone });
-        }
-        MemberCmd::Promote { id } => req.add_voters.push(id),
-        MemberCmd::Remove { id } => req.remove.push(id),
-        MemberCmd::Change {
-            add_voters,
-            add_learners,
-            remove,
-        } => {
-            req.add_voters = add_voters;
-            req.add_learners = add_learners;
-            req.remove = remove;
-        }
-    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -126,9 +116,60 @@ fn member(cfg: &Config, cmd: MemberCmd) -> Result<()> {
     ))?;
     println!("{}", serde_json::to_string(&reply)?);
     match reply {
-        AdminReply::Done { .. } => Ok(()),
-        AdminReply::Failed(why) => Err(anyhow::anyhow!("membership change failed: {why}")),
+        AdminReply::Done { .. } | AdminReply::Committed => Ok(()),
+        AdminReply::Failed(why) => Err(anyhow::anyhow!("refused: {why}")),
     }
+}
+
+fn user(cfg: &Config, cmd: UserCmd) -> Result<()> {
+    use zone_node::peer::AdminRequest;
+    let req = match cmd {
+        UserCmd::Add { name } => {
+            let mut password = String::new();
+            std::io::stdin().read_line(&mut password)?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            if password.is_empty() {
+                anyhow::bail!("no password on standard input");
+            }
+            let user = zone_node::directory::User::from_password(&name, &cfg.auth.realm, password);
+            AdminRequest::PutUser { name, user }
+        }
+        UserCmd::Remove { name } => AdminRequest::RemoveUser { name },
+    };
+    admin(cfg, req)
+}
+
+fn member(cfg: &Config, cmd: MemberCmd) -> Result<()> {
+    use zone_node::peer::AdminRequest;
+    let members = |add_voters, add_learners, remove, member| AdminRequest::Members {
+        add_voters,
+        add_learners,
+        remove,
+        member,
+    };
+    let req = match cmd {
+        MemberCmd::Add {
+            id,
+            addr,
+            zone,
+            learner,
+        } => {
+            let m = Some(zone_node::cluster::Member { id, addr, zone });
+            if learner {
+                members(vec![], vec![id], vec![], m)
+            } else {
+                members(vec![id], vec![], vec![], m)
+            }
+        }
+        MemberCmd::Promote { id } => members(vec![id], vec![], vec![], None),
+        MemberCmd::Remove { id } => members(vec![], vec![], vec![id], None),
+        MemberCmd::Change {
+            add_voters,
+            add_learners,
+            remove,
+        } => members(add_voters, add_learners, remove, None),
+    };
+    admin(cfg, req)
 }
 
 fn main() -> Result<()> {
@@ -139,8 +180,10 @@ fn main() -> Result<()> {
         println!("{}: ok", args.config.display());
         return Ok(());
     }
-    if let Some(Cmd::Member(m)) = args.command {
-        return member(&cfg, m);
+    match args.command {
+        Some(Cmd::Member(m)) => return member(&cfg, m),
+        Some(Cmd::User(u)) => return user(&cfg, u),
+        None => {}
     }
     zone_node::driver::init_logging(&cfg.log);
     let rt = tokio::runtime::Builder::new_multi_thread()

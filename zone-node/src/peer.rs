@@ -52,19 +52,34 @@ pub enum PeerError {
     },
 }
 
-/// A membership change asked by an operator (`sipzone-node member ...`)
-/// over the cluster's mutual TLS: only holders of a cluster certificate can
-/// ask.
+/// An operator's request (`sipzone-node member ...`, `sipzone-node user
+/// ...`) over the cluster's mutual TLS: only holders of a cluster
+/// certificate can ask.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct AdminRequest {
-    /// Voters to add (or learners to promote).
-    pub add_voters: Vec<u64>,
-    /// Learners to add.
-    pub add_learners: Vec<u64>,
-    /// Members to remove.
-    pub remove: Vec<u64>,
-    /// The new member's Raft listener and zone, announced to every replica.
-    pub member: Option<crate::cluster::Member>,
+pub enum AdminRequest {
+    /// A membership change (joint consensus when it has several parts).
+    Members {
+        /// Voters to add (or learners to promote).
+        add_voters: Vec<u64>,
+        /// Learners to add.
+        add_learners: Vec<u64>,
+        /// Members to remove.
+        remove: Vec<u64>,
+        /// The new member's Raft listener and zone, announced to every replica.
+        member: Option<crate::cluster::Member>,
+    },
+    /// Adds or replaces a directory user (HA1 values, computed by the client).
+    PutUser {
+        /// The digest user name.
+        name: String,
+        /// Its credentials.
+        user: crate::directory::User,
+    },
+    /// Removes a directory user.
+    RemoveUser {
+        /// The digest user name.
+        name: String,
+    },
 }
 
 /// The answer to an [`AdminRequest`]: the configuration after it, or why not.
@@ -77,6 +92,8 @@ pub enum AdminReply {
         /// Learner ids.
         learners: Vec<u64>,
     },
+    /// The change is committed (users).
+    Committed,
     /// Refused or failed.
     Failed(String),
 }

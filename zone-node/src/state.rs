@@ -216,6 +216,19 @@ pub enum Command {
         /// The new owner.
         to: String,
     },
+    /// Adds or replaces a directory user (HA1 values only, never a
+    /// password).
+    PutUser {
+        /// The digest user name.
+        name: String,
+        /// Its credentials.
+        user: crate::directory::User,
+    },
+    /// Removes a directory user.
+    RemoveUser {
+        /// The digest user name.
+        name: String,
+    },
     /// Records (or updates) a member of the region under its Raft id.
     PutMember {
         /// The member's Raft id.
@@ -250,6 +263,8 @@ impl Command {
             | Command::PutCall { .. }
             | Command::EndCall { .. }
             | Command::Reassign { .. }
+            | Command::PutUser { .. }
+            | Command::RemoveUser { .. }
             | Command::PutMember { .. } => None,
         }
     }
@@ -468,6 +483,8 @@ pub enum Key {
     Seen(u64),
     /// A member, by Raft id.
     Member(u64),
+    /// A directory user, by name.
+    User(String),
 }
 
 /// A batch of commands from one request, applied atomically.
@@ -534,6 +551,13 @@ pub struct State {
     /// Members of the region by Raft id.
     #[serde(default)]
     members: BTreeMap<u64, MemberRecord>,
+    /// Directory users by name (they add to, and override, the users of
+    /// each node's configuration).
+    #[serde(default)]
+    users: BTreeMap<String, crate::directory::User>,
+    /// Bumped at every change of `users`, so a driver sees when to reload.
+    #[serde(default)]
+    users_version: u64,
     /// Keys changed since the last [`State::take_dirty`], when tracked.
     #[serde(skip)]
     dirty: Option<std::collections::BTreeSet<Key>>,
@@ -685,6 +709,15 @@ impl State {
                     self.touch(|| Key::Call(call_id.clone()));
                 }
             }
+            Command::PutUser { name, user } => {
+                self.users.insert(name.clone(), user.clone());
+                self.users_version += 1;
+                self.touch(|| Key::User(name.clone()));
+            }
+            Command::RemoveUser { name } if self.users.remove(name).is_some() => {
+                self.users_version += 1;
+                self.touch(|| Key::User(name.clone()));
+            }
             Command::PutMember { raft_id, member } if self.members.get(raft_id) != Some(member) => {
                 self.members.insert(*raft_id, member.clone());
                 self.touch(|| Key::Member(*raft_id));
@@ -708,6 +741,7 @@ impl State {
             Key::Cdr(id) => self.cdrs.get(id).map(serde_json::to_vec),
             Key::Seen(n) => self.seen.get(n).map(serde_json::to_vec),
             Key::Member(n) => self.members.get(n).map(serde_json::to_vec),
+            Key::User(n) => self.users.get(n).map(serde_json::to_vec),
         };
         // Serializing these plain data types cannot fail.
         json.and_then(Result::ok)
@@ -735,6 +769,10 @@ impl State {
             Key::Member(n) => {
                 self.members.insert(n, serde_json::from_slice(value)?);
             }
+            Key::User(n) => {
+                self.users.insert(n, serde_json::from_slice(value)?);
+                self.users_version += 1;
+            }
         }
         Ok(())
     }
@@ -746,13 +784,19 @@ impl State {
         let d = self.cdrs.keys().map(|id| Key::Cdr(id.clone()));
         let s = self.seen.keys().map(|n| Key::Seen(*n));
         let m = self.members.keys().map(|n| Key::Member(*n));
-        b.chain(c).chain(d).chain(s).chain(m).collect()
+        let u = self.users.keys().map(|n| Key::User(n.clone()));
+        b.chain(c).chain(d).chain(s).chain(m).chain(u).collect()
     }
 
     /// Sets the log index of the last applied entry (when loading the state
     /// database or installing a snapshot).
     pub fn set_applied_index(&mut self, index: u64) {
         self.applied_index = index;
+    }
+
+    /// Directory users by name, and a version bumped at each change.
+    pub fn users(&self) -> (&BTreeMap<String, crate::directory::User>, u64) {
+        (&self.users, self.users_version)
     }
 
     /// The members of the region by Raft id.
@@ -943,6 +987,8 @@ fn apply_command(list: &mut Vec<Binding>, cmd: &Command) -> Result<(usize, usize
         | Command::PutCall { .. }
         | Command::EndCall { .. }
         | Command::Reassign { .. }
+        | Command::PutUser { .. }
+        | Command::RemoveUser { .. }
         | Command::PutMember { .. } => Ok((0, 0)),
     }
 }

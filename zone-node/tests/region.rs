@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use common::region::*;
 use sip::flow::{Flow, Transport};
 use testkit::net::free_port;
+use testkit::ua::{Ua, UaConfig};
 
 #[test]
 fn registration_through_zone_a_serves_a_call_through_zone_b() {
@@ -46,6 +47,85 @@ fn registration_through_zone_a_serves_a_call_through_zone_b() {
         assert_eq!(r.bye_status, Some(200));
         assert_eq!(callee.stats().answered, 1);
     });
+}
+
+#[test]
+fn directory_users_added_through_one_node_authenticate_on_every_node() {
+    let region = Region::start("users");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(wait_ready(&region));
+    // 3000 is not among the configured users; its password never leaves
+    // the operator's process, only its HA1 hashes do.
+    let (ok, out) = region.operator("a1", &["user", "add", "--name", "3000"], "s3cret-3000\n");
+    assert!(ok, "user add: {out}");
+    let b2 = region.member("b2").sip;
+    rt.block_on(async {
+        let dev = Ua::start(UaConfig {
+            transport: sip::transport::TransportConfig {
+                udp: vec![testkit::net::addr(0)],
+                ..Default::default()
+            },
+            user: "3000".into(),
+            ..UaConfig::default()
+        })
+        .await
+        .unwrap();
+        let flow = Flow::to(Transport::Udp, b2);
+        let mut status = 0;
+        for _ in 0..50 {
+            let r = dev
+                .register(flow, REALM, "3000", "s3cret-3000", 600)
+                .await
+                .unwrap();
+            status = r.status().unwrap_or(0);
+            if status == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(status, 200, "b2 log:\n{}", region.log("b2"));
+        let wrong = dev
+            .register(flow, REALM, "3000", "guess", 600)
+            .await
+            .unwrap();
+        assert_ne!(wrong.status(), Some(200));
+    });
+    let (ok, out) = region.operator("b1", &["user", "remove", "--name", "3000"], "");
+    assert!(ok, "user remove: {out}");
+    let a2 = region.member("a2").sip;
+    rt.block_on(async {
+        let dev = Ua::start(UaConfig {
+            transport: sip::transport::TransportConfig {
+                udp: vec![testkit::net::addr(0)],
+                ..Default::default()
+            },
+            user: "3000".into(),
+            ..UaConfig::default()
+        })
+        .await
+        .unwrap();
+        let mut status = 200;
+        for _ in 0..50 {
+            let r = dev
+                .register(
+                    Flow::to(Transport::Udp, a2),
+                    REALM,
+                    "3000",
+                    "s3cret-3000",
+                    600,
+                )
+                .await
+                .unwrap();
+            status = r.status().unwrap_or(0);
+            if status != 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_ne!(status, 200, "a removed user still registers");
+    });
+    let (ok, out) = region.operator("b1", &["user", "add", "--name", "3001"], "");
+    assert!(!ok, "an empty password is refused: {out}");
 }
 
 #[test]
@@ -246,9 +326,10 @@ fn a_node_restarted_after_10000_commits_catches_up() {
     region.add(("a3", 6, "a", false), ports, &peers, "");
     let i = region.members.len() - 1;
     region.spawn(i);
-    let (ok, out) = region.member_cmd(
+    let (ok, out) = region.operator(
         "a1",
         &[
+            "member",
             "add",
             "--id",
             "6",
@@ -258,6 +339,7 @@ fn a_node_restarted_after_10000_commits_catches_up() {
             "a",
             "--learner",
         ],
+        "",
     );
     assert!(ok, "member add: {out}");
     assert!(out.contains("\"learners\":[6]"), "{out}");
@@ -274,7 +356,7 @@ fn a_node_restarted_after_10000_commits_catches_up() {
         "{}",
         region.log("a3")
     );
-    let (ok, out) = region.member_cmd("b2", &["promote", "--id", "6"]);
+    let (ok, out) = region.operator("b2", &["member", "promote", "--id", "6"], "");
     assert!(ok, "member promote: {out}");
     let reply: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     let mut voters: Vec<u64> = reply["Done"]["voters"]

@@ -10,6 +10,7 @@
 //!
 //! Keys: `b/<aor>` bindings, `c/<call-id>` calls, `d/<call-id>` CDRs,
 //! `s/<node>` proposal de-duplication windows, `n/<node>` members,
+//! `u/<name>` directory users,
 //! `m/applied` the index. Values
 //! are the JSON of [`State::export`].
 
@@ -71,6 +72,7 @@ fn raw_key(k: &Key) -> Vec<u8> {
         Key::Cdr(id) => [b"d/", id.as_bytes()].concat(),
         Key::Seen(n) => [b"s/".as_slice(), &n.to_be_bytes()].concat(),
         Key::Member(n) => [b"n/".as_slice(), &n.to_be_bytes()].concat(),
+        Key::User(n) => [b"u/", n.as_bytes()].concat(),
     }
 }
 
@@ -85,6 +87,7 @@ fn parse_key(raw: &[u8]) -> Option<Key> {
             .try_into()
             .ok()
             .map(|b| Key::Seen(u64::from_be_bytes(b))),
+        b"u/" => text().map(Key::User),
         b"n/" => rest
             .try_into()
             .ok()
@@ -208,6 +211,7 @@ mod tests {
             Key::Cdr("c@h".into()),
             Key::Seen(7),
             Key::Member(3),
+            Key::User("1000".into()),
         ];
         for k in keys {
             assert_eq!(parse_key(&raw_key(&k)), Some(k.clone()), "{k:?}");

@@ -188,16 +188,27 @@ impl Region {
         });
     }
 
-    /// Runs `sipzone-node --config <via's config> member ARGS...`; returns
-    /// its exit status and output.
-    pub fn member_cmd(&self, via: &str, args: &[&str]) -> (bool, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_sipzone-node"))
+    /// Runs `sipzone-node --config <via's config> ARGS...` (an operator
+    /// command such as `member add ...`) with `stdin` on its standard input;
+    /// returns its exit status and output.
+    pub fn operator(&self, via: &str, args: &[&str], stdin: &str) -> (bool, String) {
+        use std::io::Write as _;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sipzone-node"))
             .arg("--config")
             .arg(&self.member(via).config)
-            .arg("member")
             .args(args)
-            .output()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
