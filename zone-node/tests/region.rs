@@ -531,7 +531,7 @@ fn partition_in_netns() {
         // Zone A has none: its registration is never acknowledged.
         let dev_a = ua("1500").await;
         let r = tokio::time::timeout(
-            Duration::from_secs(20),
+            Duration::from_secs(30),
             dev_a.register(Flow::to(Transport::Udp, a1), REALM, "1500", "pw1500", 600),
         )
         .await;

@@ -20,8 +20,10 @@
 //! Raft entry's context, the [`Entry`] as JSON in its data. The commit of an
 //! own proposal is matched to its waiter by id, never by order. A proposal
 //! not seen committed within `retry_ticks` (lost on the way to a leader that
-//! died, or truncated by a new one) is proposed again, up to `max_retries`
-//! times, then reported as [`Replica::take_dropped`]; [`State::apply_at`]
+//! died, or truncated by a new one) is proposed again, waiting twice as long
+//! after each try, up to `max_retries` times, then reported as
+//! [`Replica::take_dropped`]; a new leader gets every pending proposal at
+//! once; [`State::apply_at`]
 //! skips a proposal applied twice.
 //!
 //! Timing (DESIGN §7): tick 50 ms, election 10 ticks, heartbeat 2 ticks;
@@ -58,8 +60,8 @@ use statedb::{StateDb, StateDbError};
 /// | `max_election_tick` | `usize` | election timeouts are drawn in `[election_tick, max)` | 20 |
 /// | `compact_after` | `u64` | log entries kept before compacting behind a snapshot | 10,000 |
 /// | `compact_margin` | `u64` | entries kept behind the snapshot for followers slightly behind | 1,000 |
-/// | `retry_ticks` | `u32` | ticks before an uncommitted proposal or read is retried | 20 |
-/// | `max_retries` | `u32` | re-proposals before a proposal is dropped | 5 |
+/// | `retry_ticks` | `u32` | ticks before an uncommitted proposal is proposed again (doubling after each try), or a read retried | 20 |
+/// | `max_retries` | `u32` | re-proposals before a proposal is dropped | 3 |
 /// | `max_size_per_msg` | `u64` | bytes of entries per append message | 1 MiB |
 /// | `max_inflight_msgs` | `usize` | append messages in flight per follower | 256 |
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,7 +99,7 @@ impl ReplicaConfig {
             compact_after: 10_000,
             compact_margin: 1_000,
             retry_ticks: 20,
-            max_retries: 5,
+            max_retries: 3,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
         }
@@ -400,7 +402,10 @@ impl<D: Disk, S: StateDb> Replica<D, S> {
         let mut retry = Vec::new();
         for (id, p) in &mut self.pending {
             p.ticks += 1;
-            if p.ticks >= self.config.retry_ticks {
+            // Backing off: under overload a commit is late, not lost, and
+            // every early copy adds to the load (a new leader gets the
+            // pending proposals at once anyway).
+            if p.ticks >= self.config.retry_ticks << p.tries.min(8) {
                 p.ticks = 0;
                 p.tries += 1;
                 retry.push(*id);
