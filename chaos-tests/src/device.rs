@@ -42,6 +42,10 @@ pub struct Acked {
     pub index: u64,
     /// Unix second at which the acknowledged binding expires.
     pub expires_at: u64,
+    /// The node (index in the region) that answered.
+    pub node: usize,
+    /// The step at which it answered.
+    pub step: u64,
 }
 
 /// One simulated phone.

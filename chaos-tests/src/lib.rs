@@ -25,6 +25,7 @@ pub mod device;
 pub mod net;
 mod region;
 pub mod rng;
+pub mod statedb;
 
 use std::fmt;
 use std::ops::Range;
@@ -57,6 +58,10 @@ pub struct SimConfig {
     pub users: usize,
     /// Inject faults (crashes, partitions, loss); off for a clean baseline.
     pub faults: bool,
+    /// Deliberately wrong: treat a proposal the replica gave up on as
+    /// committed and answer 200 (a driver bug), to show that the invariants
+    /// catch a lost registration. Never set outside that test.
+    pub danger_ack_dropped: bool,
 }
 
 impl Default for SimConfig {
@@ -68,6 +73,7 @@ impl Default for SimConfig {
             devices: 24,
             users: 16,
             faults: true,
+            danger_ack_dropped: false,
         }
     }
 }
@@ -164,26 +170,8 @@ impl fmt::Display for Report {
 pub enum Violation {
     /// (1) An acknowledged registration is missing from a replica that has
     /// applied past the index it was acknowledged at.
-    #[error(
-        "acknowledged registration lost on {node} (applied {applied}): {contact} of {aor} \
-         acked with CSeq {cseq} at index {index}, replica has CSeq {found:?}"
-    )]
-    LostRegistration {
-        /// The replica missing it.
-        node: String,
-        /// Its applied index.
-        applied: u64,
-        /// The AOR.
-        aor: String,
-        /// The contact.
-        contact: String,
-        /// The acknowledged CSeq.
-        cseq: u32,
-        /// The acknowledging replica's applied index at the time.
-        index: u64,
-        /// The CSeq of the binding the replica holds for the contact.
-        found: Option<u32>,
-    },
+    #[error("acknowledged registration lost: {0}")]
+    LostRegistration(Box<LostBinding>),
     /// (1) A newly elected leader's log ends before an acknowledged entry.
     #[error("new leader {node} of term {term} has log up to {last}, acknowledged up to {acked}")]
     LeaderBehind {
@@ -263,6 +251,48 @@ pub enum Violation {
         /// The error.
         error: String,
     },
+}
+
+/// The details of [`Violation::LostRegistration`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostBinding {
+    /// The replica missing it.
+    pub node: String,
+    /// Its applied index.
+    pub applied: u64,
+    /// The AOR.
+    pub aor: String,
+    /// The contact.
+    pub contact: String,
+    /// The acknowledged CSeq.
+    pub cseq: u32,
+    /// The acknowledging replica's applied index at the time.
+    pub index: u64,
+    /// The node that acknowledged it.
+    pub acked_by: String,
+    /// The step at which it did.
+    pub acked_step: u64,
+    /// The CSeq of the binding the replica holds for the contact.
+    pub found: Option<u32>,
+}
+
+impl fmt::Display for LostBinding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} (applied {}) lacks {} of {} acknowledged with CSeq {} by {} at step {} \
+             (its applied index {}); it holds CSeq {:?}",
+            self.node,
+            self.applied,
+            self.contact,
+            self.aor,
+            self.cseq,
+            self.acked_by,
+            self.acked_step,
+            self.index,
+            self.found
+        )
+    }
 }
 
 /// A run that broke an invariant: enough to replay and read it.
@@ -358,6 +388,19 @@ mod tests {
         assert_eq!(r.dropped + r.timeouts + r.refused, 0, "{r}");
         assert!(r.acked >= 100, "{r}");
         assert_eq!(r.leaders, 1, "{r}");
+    }
+
+    #[test]
+    fn a_false_acknowledgement_is_caught() {
+        let cfg = SimConfig {
+            danger_ack_dropped: true,
+            ..SimConfig::default()
+        };
+        // Seed 40 drops proposals on a node cut off from the leader.
+        let f = run(40, &cfg).unwrap_err();
+        println!("{f}");
+        assert!(matches!(f.violation, Violation::LostRegistration(_)), "{f}");
+        assert!(run(40, &SimConfig::default()).is_ok());
     }
 
     #[test]

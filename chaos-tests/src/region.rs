@@ -18,16 +18,16 @@ use raft::eraftpb::MessageType;
 use sip::auth::NonceKey;
 use zone_node::directory::Directory;
 use zone_node::registrar::{Outcome, Pending, Registrar, RegistrarConfig};
-use zone_node::replica::statedb::NoStateDb;
 use zone_node::replica::{MemDisk, Output, Replica, ReplicaConfig};
 use zone_node::state::{ProposalId, State, Store};
 
 use crate::device::{Acked, Busy, Device, EXPIRES, REALM};
 use crate::net::{Faults, Net};
 use crate::rng::SimRng;
-use crate::{Failure, Report, STEPS_PER_TICK, SimConfig, Violation};
+use crate::statedb::SimStateDb;
+use crate::{Failure, LostBinding, Report, STEPS_PER_TICK, SimConfig, Violation};
 
-type R = Replica<MemDisk, NoStateDb>;
+type R = Replica<MemDisk, SimStateDb>;
 
 /// Unix second of step 0.
 const T0: u64 = 1_700_000_000;
@@ -74,6 +74,9 @@ struct Node {
     id: u64,
     zone: Zone,
     disk: MemDisk,
+    /// The applied state on disk; `None`: the node keeps none and rebuilds
+    /// its state from the snapshot and the log at each start.
+    statedb: Option<SimStateDb>,
     up: Option<Up>,
     down_since: u64,
 }
@@ -217,6 +220,7 @@ impl<'c> Sim<'c> {
                     id,
                     zone,
                     disk: MemDisk::new(),
+                    statedb: rng.chance(500_000).then(SimStateDb::new),
                     up: None,
                     down_since: 0,
                 });
@@ -291,52 +295,72 @@ impl<'c> Sim<'c> {
     }
 
     fn run(&mut self) -> Result<(), Violation> {
+        self.start()?;
+        while !self.step_once()? {}
+        Ok(())
+    }
+
+    /// Starts every node, bootstrapping the region.
+    fn start(&mut self) -> Result<(), Violation> {
         let voters: Vec<u64> = self.nodes.iter().map(|n| n.id).collect();
         for i in 0..self.nodes.len() {
             self.boot(i, &voters)?;
         }
         self.event(format!("profile {:?}", self.profile));
+        Ok(())
+    }
+
+    /// Simulates one step; true once the region has converged after the
+    /// fault phase.
+    fn step_once(&mut self) -> Result<bool, Violation> {
         let fault_end = self.cfg.ticks * STEPS_PER_TICK;
         let deadline = fault_end + self.cfg.heal_ticks * STEPS_PER_TICK;
-        loop {
-            let on_tick = self.step.is_multiple_of(STEPS_PER_TICK);
-            if self.step == fault_end {
-                self.stop_faults()?;
+        let on_tick = self.step.is_multiple_of(STEPS_PER_TICK);
+        if self.step == fault_end {
+            self.stop_faults()?;
+        }
+        if on_tick {
+            if self.step < fault_end && self.cfg.faults {
+                self.inject()?;
             }
-            if on_tick {
-                if self.step < fault_end && self.cfg.faults {
-                    self.inject()?;
-                }
-                for up in self.nodes.iter_mut().filter_map(|n| n.up.as_mut()) {
+            for n in &mut self.nodes {
+                if let Some(up) = n.up.as_mut() {
                     up.replica.tick();
                 }
-                self.time_out_devices();
-            }
-            self.deliver();
-            if self.step < fault_end {
-                self.workload();
-            }
-            for i in 0..self.nodes.len() {
-                self.drain(i)?;
-            }
-            self.check()?;
-            if self.step >= fault_end && on_tick {
-                match self.unconverged() {
-                    None => {
-                        self.report.heal_ticks = (self.step - fault_end) / STEPS_PER_TICK;
-                        return Ok(());
-                    }
-                    Some(detail) if self.step >= deadline => {
-                        return Err(Violation::NotLive {
-                            ticks: self.cfg.heal_ticks,
-                            detail,
-                        });
-                    }
-                    Some(_) => {}
+                // sled flushes in the background, now and then.
+                if let Some(db) = &n.statedb
+                    && self.rng.chance(100_000)
+                {
+                    db.flush();
                 }
             }
-            self.step += 1;
+            self.time_out_devices();
         }
+        self.deliver();
+        if self.step < fault_end {
+            self.workload();
+        }
+        for i in 0..self.nodes.len() {
+            self.drain(i)?;
+        }
+        self.check()?;
+        if self.step >= fault_end && on_tick {
+            match self.unconverged() {
+                None => {
+                    self.report.heal_ticks = (self.step - fault_end) / STEPS_PER_TICK;
+                    return Ok(true);
+                }
+                Some(detail) if self.step >= deadline => {
+                    return Err(Violation::NotLive {
+                        ticks: self.cfg.heal_ticks,
+                        detail,
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        self.step += 1;
+        Ok(false)
     }
 
     /// Opens node `i`'s replica over its disk (bootstrapping with `voters`
@@ -353,8 +377,10 @@ impl<'c> Sim<'c> {
             ..ReplicaConfig::new(node.id)
         };
         let boot_nonce = self.rng.next_u64();
+        // Without a state database, a fresh empty one at each start.
+        let statedb = node.statedb.clone().unwrap_or_default();
         let replica =
-            R::open(config, node.disk.clone(), NoStateDb, boot_nonce, voters).map_err(|e| {
+            R::open(config, node.disk.clone(), statedb, boot_nonce, voters).map_err(|e| {
                 Violation::Replica {
                     node: node.name.clone(),
                     error: e.to_string(),
@@ -393,8 +419,12 @@ impl<'c> Sim<'c> {
         let n = &mut self.nodes[i];
         n.up = None;
         n.down_since = tick;
+        let lost = n.statedb.as_ref().map_or(0, |db| db.crash(&mut self.rng));
         self.report.crashes += 1;
-        let what = format!("crash {}", self.nodes[i].name);
+        let what = format!(
+            "crash {} ({lost} unsynced state writes lost)",
+            self.nodes[i].name
+        );
         self.event(what);
     }
 
@@ -711,22 +741,27 @@ impl<'c> Sim<'c> {
                     cseq: w.cseq,
                     index,
                     expires_at: w.at_unix + u64::from(EXPIRES),
+                    node: i,
+                    step,
                 });
                 self.max_ack_index = self.max_ack_index.max(index);
                 self.ack_epoch += 1;
-                push_event(
-                    events,
-                    step,
-                    format!(
-                        "{} acked {} CSeq {} at index {index}",
-                        node.name, dev.contact, w.cseq
-                    ),
-                );
             }
         }
         for id in up.replica.take_dropped() {
             if let Some(w) = up.waiting.remove(&id) {
                 report.dropped += 1;
+                if self.cfg.danger_ack_dropped && w.register {
+                    let dev = &mut devices[w.device];
+                    dev.acked = Some(Acked {
+                        cseq: w.cseq,
+                        index: up.replica.state().applied_index(),
+                        expires_at: w.at_unix + u64::from(EXPIRES),
+                        node: i,
+                        step,
+                    });
+                    self.ack_epoch += 1;
+                }
                 let dev = &mut devices[w.device];
                 if dev.busy.is_some_and(|b| b.node == i && b.cseq == w.cseq) {
                     dev.busy = None;
@@ -795,15 +830,17 @@ impl<'c> Sim<'c> {
                     .find(|b| b.contact == dev.contact)
                     .map(|b| b.cseq);
                 if found.is_none_or(|c| c < a.cseq) {
-                    return Err(Violation::LostRegistration {
+                    return Err(Violation::LostRegistration(Box::new(LostBinding {
                         node: node.name.clone(),
                         applied,
                         aor: dev.aor.to_string(),
                         contact: dev.contact.clone(),
                         cseq: a.cseq,
                         index: a.index,
+                        acked_by: self.nodes[a.node].name.clone(),
+                        acked_step: a.step,
                         found,
-                    });
+                    })));
                 }
             }
             let epoch = self.ack_epoch;
@@ -918,5 +955,102 @@ impl<'c> Sim<'c> {
         } else {
             Some(format!("leader log at {last}; {}", summary()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A region run for `ticks` ticks of its fault phase, checks passing.
+    fn running(seed: u64, ticks: u64) -> Sim<'static> {
+        let cfg = Box::leak(Box::new(SimConfig {
+            faults: false,
+            ..SimConfig::default()
+        }));
+        let mut sim = Sim::new(seed, cfg);
+        sim.start().unwrap();
+        for _ in 0..ticks * STEPS_PER_TICK {
+            assert!(!sim.step_once().unwrap());
+        }
+        sim
+    }
+
+    fn leader(sim: &Sim<'_>) -> (usize, u64) {
+        let i = (0..sim.nodes.len())
+            .find(|&i| sim.nodes[i].up.as_ref().unwrap().replica.is_leader())
+            .expect("a leader after 200 ticks");
+        (i, sim.nodes[i].up.as_ref().unwrap().replica.role().1)
+    }
+
+    #[test]
+    fn a_second_leader_in_a_term_is_caught() {
+        let mut sim = running(1, 200);
+        let (i, term) = leader(&sim);
+        sim.leaders.insert(term, (i + 1) % sim.nodes.len());
+        let v = sim.check().unwrap_err();
+        assert!(
+            matches!(v, Violation::TwoLeaders { term: t, .. } if t == term),
+            "{v}"
+        );
+    }
+
+    #[test]
+    fn a_different_state_at_the_same_index_is_caught() {
+        let mut sim = running(2, 200);
+        let up = sim.nodes[0].up.as_mut().unwrap();
+        up.epoch = u64::MAX;
+        let applied = up.replica.state().applied_index();
+        let mut other = State::new();
+        other.set_applied_index(applied);
+        other.track_dirty(true);
+        sim.states.insert(applied, (1, other));
+        let v = sim.check().unwrap_err();
+        assert!(
+            matches!(v, Violation::Diverged { index, .. } if index == applied),
+            "{v}"
+        );
+    }
+
+    #[test]
+    fn a_missing_acknowledged_binding_is_caught() {
+        let mut sim = running(3, 200);
+        assert!(sim.report.acked > 0);
+        let dev = &mut sim.devices[0];
+        dev.acked = Some(Acked {
+            cseq: dev.cseq + 5,
+            index: 1,
+            expires_at: u64::MAX,
+            node: 0,
+            step: 0,
+        });
+        sim.ack_epoch += 1;
+        let v = sim.check().unwrap_err();
+        assert!(matches!(v, Violation::LostRegistration(_)), "{v}");
+    }
+
+    #[test]
+    fn a_crash_and_restart_keep_every_acknowledgement() {
+        let mut sim = running(4, 200);
+        let (i, _) = leader(&sim);
+        sim.crash(i);
+        for _ in 0..100 * STEPS_PER_TICK {
+            sim.step_once().unwrap();
+        }
+        sim.boot(i, &[]).unwrap();
+        for _ in 0..100 * STEPS_PER_TICK {
+            sim.step_once().unwrap();
+        }
+        let (j, _) = leader(&sim);
+        assert_ne!(i, j, "a new leader while the old one was down");
+        let applied: Vec<u64> = sim
+            .nodes
+            .iter()
+            .map(|n| n.up.as_ref().unwrap().replica.state().applied_index())
+            .collect();
+        assert!(
+            applied.iter().max().unwrap() - applied.iter().min().unwrap() < 5,
+            "{applied:?}"
+        );
     }
 }
