@@ -2,32 +2,36 @@
 //! and over the seeds of `SIPZONE_SIM_SEEDS` when set (longer local runs,
 //! and the replay of a failure).
 
-use chaos_tests::{Report, SimConfig, run_seeds, seeds_from_env};
+use chaos_tests::{Report, SimConfig, run, seeds_from_env};
 
+/// Runs `range`, one line per seed as it ends, and fails on the first
+/// broken invariant with the seed, the step and the replay command.
 fn seeds(range: std::ops::Range<u64>) -> anyhow::Result<()> {
     let cfg = SimConfig::from_env();
-    match run_seeds(range, &cfg) {
-        Ok(reports) => {
-            print_totals(&reports);
-            Ok(())
+    let mut done: Vec<Report> = Vec::new();
+    for seed in range {
+        match run(seed, &cfg) {
+            Ok(r) => {
+                println!("{r}");
+                done.push(r);
+            }
+            Err(f) => anyhow::bail!("{f}"),
         }
-        Err(f) => anyhow::bail!("{f}"),
     }
-}
-
-fn print_totals(reports: &[Report]) {
-    for r in reports {
-        println!("{r}");
-    }
-    let sum = |f: fn(&Report) -> u64| reports.iter().map(f).sum::<u64>();
+    let sum = |f: fn(&Report) -> u64| done.iter().map(f).sum::<u64>();
     println!(
-        "{} seeds, {} steps, {} acked, {} crashes, {} partitions",
-        reports.len(),
+        "{} seeds x {} ticks: {} steps, {} acked, {} dropped, {} crashes, {} partitions, \
+         longest heal {} ticks",
+        done.len(),
+        cfg.ticks,
         sum(|r| r.steps),
         sum(|r| r.acked),
+        sum(|r| r.dropped),
         sum(|r| r.crashes),
-        sum(|r| r.partitions)
+        sum(|r| r.partitions),
+        done.iter().map(|r| r.heal_ticks).max().unwrap_or(0)
     );
+    Ok(())
 }
 
 #[test]
