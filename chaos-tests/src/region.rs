@@ -67,6 +67,8 @@ struct Up {
     applied: u64,
     /// Acknowledgement epoch at the last check.
     epoch: u64,
+    /// The election timeout of this boot, in ticks.
+    election: u64,
 }
 
 struct Node {
@@ -366,8 +368,22 @@ impl<'c> Sim<'c> {
     /// Opens node `i`'s replica over its disk (bootstrapping with `voters`
     /// on the first start only) and a fresh registrar.
     fn boot(&mut self, i: usize, voters: &[u64]) -> Result<(), Violation> {
-        // raft-rs draws the election timeout in [min, max): one value, ours.
-        let e = self.rng.between(10, 20) as usize;
+        // raft-rs draws the election timeout in [min, max): one value, ours,
+        // fixed for the whole boot. Unlike raft-rs's own draw, it is not
+        // drawn again at each election, so two nodes with the same value
+        // that start elections together would split the vote for ever (seed
+        // 901 did, 600 ticks after healing): draw one no live node has.
+        let taken: Vec<u64> = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.up.as_ref().map(|u| u.election))
+            .collect();
+        let top = 10 + self.nodes.len().max(10) as u64;
+        let free: Vec<u64> = (10..=top).filter(|e| !taken.contains(e)).collect();
+        let e = *self
+            .rng
+            .pick(&free)
+            .expect("more timeouts in the range than nodes") as usize;
         let node = &self.nodes[i];
         let config = ReplicaConfig {
             election_tick: e,
@@ -409,6 +425,7 @@ impl<'c> Sim<'c> {
             waiting: BTreeMap::new(),
             applied,
             epoch: u64::MAX,
+            election: e as u64,
         });
         self.event(what);
         Ok(())
@@ -1027,6 +1044,24 @@ mod tests {
         sim.ack_epoch += 1;
         let v = sim.check().unwrap_err();
         assert!(matches!(v, Violation::LostRegistration(_)), "{v}");
+    }
+
+    #[test]
+    fn live_nodes_never_share_an_election_timeout() {
+        let mut sim = running(5, 50);
+        for round in 0..20 {
+            let i = round % sim.nodes.len();
+            sim.crash(i);
+            sim.boot(i, &[]).unwrap();
+            let mut e: Vec<u64> = sim
+                .nodes
+                .iter()
+                .map(|n| n.up.as_ref().unwrap().election)
+                .collect();
+            e.sort_unstable();
+            e.dedup();
+            assert_eq!(e.len(), sim.nodes.len(), "round {round}: {e:?}");
+        }
     }
 
     #[test]
