@@ -396,11 +396,15 @@ mod tests {
             danger_ack_dropped: true,
             ..SimConfig::default()
         };
-        // Seed 40 drops proposals on a node cut off from the leader.
-        let f = run(40, &cfg).unwrap_err();
+        // Some seed drops proposals on a node cut off from the leader; the
+        // first one that does must be caught (which seed depends on the
+        // replica's retry timing, so the test looks for it).
+        let (seed, f) = (0..64)
+            .find_map(|seed| run(seed, &cfg).err().map(|f| (seed, f)))
+            .expect("no seed among 0..64 acknowledged a dropped proposal");
         println!("{f}");
         assert!(matches!(f.violation, Violation::LostRegistration(_)), "{f}");
-        assert!(run(40, &SimConfig::default()).is_ok());
+        assert!(run(seed, &SimConfig::default()).is_ok());
     }
 
     #[test]
