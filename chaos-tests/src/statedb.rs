@@ -153,18 +153,7 @@ mod tests {
             at_unix: 100,
             cmds: vec![Command::UpsertBinding {
                 aor: Aor::parse(&format!("sip:{user}@sipzone.local")).unwrap(),
-                binding: Binding {
-                    contact: format!("sip:{user}@10.0.0.1"),
-                    expires_at_unix: 4000,
-                    q: None,
-                    call_id: "c".into(),
-                    cseq: 1,
-                    path: vec![],
-                    instance: None,
-                    reg_id: None,
-                    received: None,
-                    node: "a1".into(),
-                },
+                binding: Binding::plain(format!("sip:{user}@10.0.0.1"), 4000, "c", 1, "a1"),
             }],
         }
     }

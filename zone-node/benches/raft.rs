@@ -37,16 +37,14 @@ fn entry(i: usize) -> Entry {
         cmds: vec![Command::UpsertBinding {
             aor: Aor::parse(&format!("sip:{user}@sipzone.local")).unwrap(),
             binding: Binding {
-                contact: format!("sip:{user}@192.0.2.10:5060;transport=udp"),
-                expires_at_unix: 1_800_003_600,
-                q: None,
-                call_id: format!("{i:016x}@bench"),
-                cseq: 2,
-                path: vec![],
-                instance: None,
-                reg_id: None,
                 received: Some("udp:192.0.2.10:5060".into()),
-                node: "a1".into(),
+                ..Binding::plain(
+                    format!("sip:{user}@192.0.2.10:5060;transport=udp"),
+                    1_800_003_600,
+                    format!("{i:016x}@bench"),
+                    2,
+                    "a1",
+                )
             },
         }],
     }

@@ -113,6 +113,29 @@ pub struct Binding {
 }
 
 impl Binding {
+    /// A binding as a plain REGISTER makes it: no q, Path, instance, flow or
+    /// `received` address.
+    pub fn plain(
+        contact: impl Into<String>,
+        expires_at_unix: u64,
+        call_id: impl Into<String>,
+        cseq: u32,
+        node: impl Into<String>,
+    ) -> Binding {
+        Binding {
+            contact: contact.into(),
+            expires_at_unix,
+            q: None,
+            call_id: call_id.into(),
+            cseq,
+            path: vec![],
+            instance: None,
+            reg_id: None,
+            received: None,
+            node: node.into(),
+        }
+    }
+
     /// True when this binding is keyed by instance and reg-id (RFC 5626 §6).
     pub fn is_flow(&self) -> bool {
         self.instance.is_some() && self.reg_id.is_some()
@@ -1099,6 +1122,26 @@ impl Store for MemStore {
     }
 }
 
+/// For tests in this crate: entry `id` registering `sip:USER@sipzone.local`
+/// at `sip:USER@127.0.0.1:5070` (Call-ID `c-USER`, CSeq `cseq`).
+#[cfg(test)]
+pub(crate) fn test_register(id: u64, user: &str, cseq: u32) -> Entry {
+    Entry {
+        id: ProposalId(id),
+        at_unix: 100,
+        cmds: vec![Command::UpsertBinding {
+            aor: Aor(format!("sip:{user}@sipzone.local")),
+            binding: Binding::plain(
+                format!("sip:{user}@127.0.0.1:5070"),
+                4000,
+                format!("c-{user}"),
+                cseq,
+                "a1",
+            ),
+        }],
+    }
+}
+
 /// A leg record for tests in this crate.
 #[cfg(test)]
 pub(crate) fn test_leg(call_id: &str) -> LegRecord {
@@ -1144,16 +1187,8 @@ mod tests {
 
     fn binding(contact: &str, exp: u64, call_id: &str, cseq: u32) -> Binding {
         Binding {
-            contact: contact.into(),
-            expires_at_unix: exp,
-            q: None,
-            call_id: call_id.into(),
-            cseq,
-            path: vec![],
-            instance: None,
-            reg_id: None,
             received: Some("udp:127.0.0.1:5062".into()),
-            node: "n1".into(),
+            ..Binding::plain(contact, exp, call_id, cseq, "n1")
         }
     }
 

@@ -3,6 +3,8 @@
 //! 127.0.0.1 only.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -27,15 +29,7 @@ struct Node {
 
 /// The value of the first sample of `name` on the node's `/metrics`.
 fn metric(node: &Node, name: &str) -> Option<f64> {
-    let mut s = TcpStream::connect(node.metrics).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    body.lines()
-        .find(|l| l.starts_with(name) && !l.starts_with('#'))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    common::region::metric(node.metrics, name)
 }
 
 /// Starts a node with the local-testing users on free ports and waits until
@@ -144,6 +138,22 @@ async fn ua() -> Ua {
     })
     .await
     .unwrap()
+}
+
+/// Registers the SIPp UAS listening on `uas_port` as user 1001 (a
+/// third-party registration by user 1000's UA).
+fn register_sipp_uas_as_1001(node: &Node, uas_port: u16) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ua = ua().await;
+        let contact = format!("<sip:1001@{}>", addr(uas_port));
+        let flow = Flow::to(Transport::Udp, node.sip);
+        let r = ua
+            .register_contact(flow, REALM, "1001", "pw1001", 3600, &contact)
+            .await
+            .unwrap();
+        assert_eq!(r.status(), Some(200), "{r}");
+    });
 }
 
 #[test]
@@ -310,17 +320,7 @@ fn sipp_uac_calls_registered_sipp_uas_1000_times_through_the_b2bua() {
         .arg("120s")
         .arg("-timeout_error");
     let mut uas_proc = uas.spawn().unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let ua = ua().await;
-        let contact = format!("<sip:1001@{}>", addr(uas_port));
-        let flow = Flow::to(Transport::Udp, node.sip);
-        let r = ua
-            .register_contact(flow, REALM, "1001", "pw1001", 3600, &contact)
-            .await
-            .unwrap();
-        assert_eq!(r.status(), Some(200), "{r}");
-    });
+    register_sipp_uas_as_1001(&node, uas_port);
     // every caller authenticates (407, then Proxy-Authorization as user 1000)
     let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp/uac_auth.xml");
     let uac = Sipp::scenario_path(&scenario, &node.dir, "uac")
@@ -510,17 +510,7 @@ fn sipp_prack_and_session_timer_pass_through_the_b2bua() {
         .arg("60s")
         .arg("-timeout_error");
     let mut uas_proc = uas.spawn().unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let ua = ua().await;
-        let contact = format!("<sip:1001@{}>", addr(uas_port));
-        let flow = Flow::to(Transport::Udp, node.sip);
-        let r = ua
-            .register_contact(flow, REALM, "1001", "pw1001", 3600, &contact)
-            .await
-            .unwrap();
-        assert_eq!(r.status(), Some(200), "{r}");
-    });
+    register_sipp_uas_as_1001(&node, uas_port);
     let uac = Sipp::scenario_path(&sipp_dir.join("uac_100rel.xml"), &node.dir, "uac")
         .unwrap()
         .local(addr(free_port()))

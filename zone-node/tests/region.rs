@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use common::region::*;
 use sip::flow::{Flow, Transport};
 use testkit::net::free_port;
-use testkit::ua::{Ua, UaConfig};
 
 #[test]
 fn registration_through_zone_a_serves_a_call_through_zone_b() {
@@ -60,16 +59,7 @@ fn directory_users_added_through_one_node_authenticate_on_every_node() {
     assert!(ok, "user add: {out}");
     let b2 = region.member("b2").sip;
     rt.block_on(async {
-        let dev = Ua::start(UaConfig {
-            transport: sip::transport::TransportConfig {
-                udp: vec![testkit::net::addr(0)],
-                ..Default::default()
-            },
-            user: "3000".into(),
-            ..UaConfig::default()
-        })
-        .await
-        .unwrap();
+        let dev = ua_without_credentials("3000").await;
         let flow = Flow::to(Transport::Udp, b2);
         let mut status = 0;
         for _ in 0..50 {
@@ -94,16 +84,7 @@ fn directory_users_added_through_one_node_authenticate_on_every_node() {
     assert!(ok, "user remove: {out}");
     let a2 = region.member("a2").sip;
     rt.block_on(async {
-        let dev = Ua::start(UaConfig {
-            transport: sip::transport::TransportConfig {
-                udp: vec![testkit::net::addr(0)],
-                ..Default::default()
-            },
-            user: "3000".into(),
-            ..UaConfig::default()
-        })
-        .await
-        .unwrap();
+        let dev = ua_without_credentials("3000").await;
         let mut status = 200;
         for _ in 0..50 {
             let r = dev

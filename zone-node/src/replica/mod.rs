@@ -839,7 +839,6 @@ impl slog::Drain for TracingDrain {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Aor, Binding, Command};
     use statedb::NoStateDb;
 
     type R = Replica<MemDisk, NoStateDb>;
@@ -938,25 +937,7 @@ mod tests {
     }
 
     fn reg(id: u64, user: u32) -> Entry {
-        Entry {
-            id: ProposalId(id),
-            at_unix: 100,
-            cmds: vec![Command::UpsertBinding {
-                aor: Aor::parse(&format!("sip:{user}@sipzone.local")).unwrap(),
-                binding: Binding {
-                    contact: format!("sip:{user}@127.0.0.1:5070"),
-                    expires_at_unix: 4000,
-                    q: None,
-                    call_id: format!("c-{user}"),
-                    cseq: 1,
-                    path: vec![],
-                    instance: None,
-                    reg_id: None,
-                    received: None,
-                    node: "a1".into(),
-                },
-            }],
-        }
+        crate::state::test_register(id, &user.to_string(), 1)
     }
 
     #[test]

@@ -179,28 +179,10 @@ impl StateDb for SledStateDb {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Binding, Command, Entry, Origin, ProposalId};
+    use crate::state::{Entry, Origin};
 
     fn reg(id: u64, user: &str, cseq: u32) -> Entry {
-        Entry {
-            id: ProposalId(id),
-            at_unix: 100,
-            cmds: vec![Command::UpsertBinding {
-                aor: Aor::parse(&format!("sip:{user}@sipzone.local")).unwrap(),
-                binding: Binding {
-                    contact: format!("sip:{user}@127.0.0.1:5070"),
-                    expires_at_unix: 4000,
-                    q: None,
-                    call_id: format!("c-{user}"),
-                    cseq,
-                    path: vec![],
-                    instance: None,
-                    reg_id: None,
-                    received: None,
-                    node: "a1".into(),
-                },
-            }],
-        }
+        crate::state::test_register(id, user, cseq)
     }
 
     #[test]

@@ -272,6 +272,22 @@ pub fn metric(at: SocketAddr, name: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// A UA for `user` that answers no challenge (its caller supplies the
+/// password per request).
+pub async fn ua_without_credentials(user: &str) -> Ua {
+    Ua::start(UaConfig {
+        transport: sip::transport::TransportConfig {
+            udp: vec![addr(0)],
+            ..Default::default()
+        },
+        user: user.into(),
+        ..UaConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// A UA for `user` answering challenges with the local-testing password.
 pub async fn ua(user: &str) -> Ua {
     Ua::start(UaConfig {
         transport: sip::transport::TransportConfig {
