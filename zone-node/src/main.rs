@@ -10,9 +10,10 @@ use zone_node::config::Config;
 #[derive(Parser, Debug)]
 #[command(name = "sipzone-node", version)]
 struct Args {
-    /// Configuration file (TOML); see docs/config.md.
+    /// Configuration file (TOML); see docs/config.md. Needed by everything
+    /// but `cluster-pki`.
     #[arg(long)]
-    config: PathBuf,
+    config: Option<PathBuf>,
     /// Validate the configuration and exit.
     #[arg(long)]
     check: bool,
@@ -30,6 +31,47 @@ enum Cmd {
     /// node that runs with `--config`.
     #[command(subcommand)]
     User(UserCmd),
+    /// Create the cluster CA in `--dir` on first use (`ca.pem`, `ca.key`),
+    /// and a certificate for each `--name` that has none yet (`NAME.pem`,
+    /// `NAME.key`), for `[cluster]` ca/cert/key.
+    ClusterPki {
+        /// Where the CA and the certificates live.
+        #[arg(long)]
+        dir: PathBuf,
+        /// A node name (repeat for several).
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+    },
+}
+
+/// The CA's subject name; a reloaded CA must use the same one.
+const CLUSTER_CA: &str = "sipzone cluster CA";
+
+fn cluster_pki(dir: &std::path::Path, names: &[String]) -> Result<()> {
+    use sip::transport::pki::Ca;
+    std::fs::create_dir_all(dir)?;
+    let ca = if dir.join("ca.key").is_file() {
+        Ca::load(dir, CLUSTER_CA)?
+    } else {
+        let ca = Ca::new(CLUSTER_CA)?;
+        ca.write(dir)?;
+        println!("created {}", dir.join("ca.pem").display());
+        ca
+    };
+    for name in names {
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            anyhow::bail!("node name {name:?}: letters, digits or '-' only");
+        }
+        if dir.join(format!("{name}.pem")).is_file() {
+            println!("kept {}", dir.join(format!("{name}.pem")).display());
+            continue;
+        }
+        let files = ca
+            .issue(&[zone_node::peer::CLUSTER_NAME])?
+            .write(dir, name)?;
+        println!("created {}", files.cert.display());
+    }
+    Ok(())
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -174,16 +216,22 @@ fn member(cfg: &Config, cmd: MemberCmd) -> Result<()> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(Cmd::ClusterPki { dir, names }) = &args.command {
+        return cluster_pki(dir, names);
+    }
+    let path = args
+        .config
+        .ok_or_else(|| anyhow::anyhow!("--config FILE is required"))?;
     // Validated before anything is bound or started.
-    let cfg = Config::load(&args.config)?;
+    let cfg = Config::load(&path)?;
     if args.check {
-        println!("{}: ok", args.config.display());
+        println!("{}: ok", path.display());
         return Ok(());
     }
     match args.command {
         Some(Cmd::Member(m)) => return member(&cfg, m),
         Some(Cmd::User(u)) => return user(&cfg, u),
-        None => {}
+        Some(Cmd::ClusterPki { .. }) | None => {}
     }
     zone_node::driver::init_logging(&cfg.log);
     let rt = tokio::runtime::Builder::new_multi_thread()

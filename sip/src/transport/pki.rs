@@ -5,15 +5,17 @@
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
 };
 
 /// A CA that can issue leaf certificates.
 pub struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
+    issuer: Issuer<'static, KeyPair>,
     /// The CA certificate in PEM.
     pub cert_pem: String,
+    /// The CA's private key in PEM (PKCS#8).
+    key_pem: String,
 }
 
 /// A leaf certificate and its key, in PEM.
@@ -35,8 +37,7 @@ pub struct LeafFiles {
 }
 
 impl Ca {
-    /// Generates a new CA named `name`.
-    pub fn new(name: &str) -> Result<Ca, PkiError> {
+    fn params(name: &str) -> Result<CertificateParams, PkiError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -45,10 +46,43 @@ impl Ca {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
+        Ok(params)
+    }
+
+    /// Generates a new CA named `name`.
+    pub fn new(name: &str) -> Result<Ca, PkiError> {
+        let params = Ca::params(name)?;
         let key = KeyPair::generate()?;
-        let issuer = CertifiedIssuer::self_signed(params, key)?;
-        let cert_pem = issuer.pem();
-        Ok(Ca { issuer, cert_pem })
+        let cert_pem = params.self_signed(&key)?.pem();
+        let key_pem = key.serialize_pem();
+        Ok(Ca {
+            issuer: Issuer::new(params, key),
+            cert_pem,
+            key_pem,
+        })
+    }
+
+    /// The CA `name` written by [`Ca::write`] in `dir` (`ca.pem`, `ca.key`):
+    /// it issues certificates its earlier ones chain with (same subject, same
+    /// key, so the same authority key identifier).
+    pub fn load(dir: &Path, name: &str) -> Result<Ca, PkiError> {
+        let read = |f: &str| {
+            let path = dir.join(f);
+            std::fs::read_to_string(&path).map_err(|source| PkiError::Io { path, source })
+        };
+        let (cert_pem, key_pem) = (read("ca.pem")?, read("ca.key")?);
+        let key = KeyPair::from_pem(&key_pem)?;
+        Ok(Ca {
+            issuer: Issuer::new(Ca::params(name)?, key),
+            cert_pem,
+            key_pem,
+        })
+    }
+
+    /// Writes `dir/ca.pem` and `dir/ca.key` (owner-only), for [`Ca::load`].
+    pub fn write(&self, dir: &Path) -> Result<PathBuf, PkiError> {
+        write(&dir.join("ca.key"), self.key_pem.as_bytes(), true)?;
+        self.write_ca(dir)
     }
 
     /// Issues a certificate for `names` (DNS names or IP literals), usable
@@ -151,6 +185,47 @@ pub fn load_or_create(dir: &Path, name: &str, names: &[&str]) -> Result<LeafFile
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reloaded_ca_issues_certificates_that_chain_to_its_certificate() {
+        let dir = std::env::temp_dir().join(format!("sipzone-ca-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = Ca::new("cluster").unwrap();
+        ca.write(&dir).unwrap();
+        let again = Ca::load(&dir, "cluster").unwrap();
+        assert_eq!(again.cert_pem, ca.cert_pem);
+        let leaf = again.issue(&["localhost"]).unwrap();
+        // A server with the new leaf is trusted by a client trusting the CA.
+        let server = crate::transport::tls::server_config(
+            leaf.cert_pem.as_bytes(),
+            leaf.key_pem.as_bytes(),
+            Some(ca.cert_pem.as_bytes()),
+        );
+        assert!(server.is_ok());
+        let roots = crate::transport::tls::root_store(ca.cert_pem.as_bytes()).unwrap();
+        let chain = crate::transport::tls::certs_from_pem(leaf.cert_pem.as_bytes()).unwrap();
+        use rustls::client::danger::ServerCertVerifier as _;
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            roots,
+            crate::transport::tls::provider(),
+        )
+        .build()
+        .unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let now = rustls_pki_types::UnixTime::now();
+        assert!(
+            verifier
+                .verify_server_cert(&chain[0], &[], &name, &[], now)
+                .is_ok()
+        );
+        let mode = std::fs::metadata(dir.join("ca.key")).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn generated_once_then_reused() {

@@ -12,7 +12,6 @@ use std::time::Duration;
 use sip::flow::{Flow, Transport};
 use sip::msg::Method;
 use testkit::net::{addr, free_port};
-use testkit::pki::Ca;
 use testkit::proc::Proc;
 use testkit::sipp::Sipp;
 use testkit::ua::{Ua, UaConfig};
@@ -48,7 +47,6 @@ impl Member {
 pub struct Region {
     pub dir: PathBuf,
     pub members: Vec<Member>,
-    pub ca: Ca,
 }
 
 /// One member's configuration: (name, raft id, zone, witness), its ports
@@ -136,16 +134,12 @@ impl Region {
             .join("region")
             .join(name);
         let _ = std::fs::remove_dir_all(&dir);
-        let pki = dir.join("pki");
-        std::fs::create_dir_all(&pki).unwrap();
-        let ca = Ca::new("sipzone test cluster").unwrap();
-        ca.write_ca(&pki).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
         // One digest nonce secret for the region: any node verifies any nonce.
         std::fs::write(dir.join("secret"), "5a".repeat(32)).unwrap();
         Region {
             dir,
             members: vec![],
-            ca,
         }
     }
 
@@ -170,11 +164,18 @@ impl Region {
         peers: &[(u64, u16, &str)],
         bootstrap: &str,
     ) {
-        self.ca
-            .issue(&["sipzone-cluster"])
-            .unwrap()
-            .write(&self.dir.join("pki"), m.0)
+        // The operator's command: the CA on first use, then reloaded.
+        let out = Command::new(env!("CARGO_BIN_EXE_sipzone-node"))
+            .args(["cluster-pki", "--dir"])
+            .arg(self.dir.join("pki"))
+            .args(["--name", m.0])
+            .output()
             .unwrap();
+        assert!(
+            out.status.success(),
+            "cluster-pki: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let config = self.dir.join(format!("{}.toml", m.0));
         std::fs::write(&config, member_config(m, ports, peers, bootstrap)).unwrap();
         self.members.push(Member {
