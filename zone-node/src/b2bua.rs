@@ -2046,7 +2046,7 @@ impl B2bua {
         if let Some(tag) = tag.filter(|t| fork.early.iter().any(|d| d.id.remote_tag == *t)) {
             call.early_peer = Some((i, tag));
         }
-        let mut r = call.a_invite.response(
+        let mut r = call.a_invite.dialog_response(
             code,
             msg.reason().unwrap_or_default(),
             Some(&call.a_dialog.id.local_tag),
@@ -2217,7 +2217,7 @@ impl B2bua {
         call.a_leg.timer = Some(a_timer);
         call.timers.session_a = Some(session_deadline(now.instant, a_timer));
         call.timers.session_b = Some(session_deadline(now.instant, b_timer));
-        let mut ok = call.a_invite.response(
+        let mut ok = call.a_invite.dialog_response(
             msg.status().unwrap_or(200),
             msg.reason().unwrap_or("OK"),
             Some(&call.a_dialog.id.local_tag),
@@ -3158,6 +3158,28 @@ Content-Length: {}
 {body}",
             body.len()
         ))
+    }
+
+    #[test]
+    fn responses_that_make_the_callers_dialog_echo_its_record_route() {
+        // RFC 3261 §12.1.1: the balancer's Record-Route must come back in
+        // the 18x and the 2xx, or the caller's BYE would bypass it.
+        let mut t = T::new(two_bindings());
+        let forks = t.start();
+        let ringing = answer(&forks[0].2, 180, "b1", "sip:1001@192.0.2.20");
+        let out = t.respond_fork(10, &forks[0], ringing);
+        let r180 = responses(&out)[0];
+        assert_eq!(r180.status(), Some(180));
+        let rr: Vec<&str> = r180.values(HeaderName::RecordRoute).collect();
+        assert_eq!(rr, vec!["<sip:lb.example;lr>"]);
+        let ok = answer(&forks[0].2, 200, "b1", "sip:1001@192.0.2.20");
+        let out = t.respond_fork(20, &forks[0], ok);
+        let r200 = responses(&out)
+            .into_iter()
+            .find(|r| r.status() == Some(200))
+            .unwrap();
+        let rr: Vec<&str> = r200.values(HeaderName::RecordRoute).collect();
+        assert_eq!(rr, vec!["<sip:lb.example;lr>"]);
     }
 
     #[test]

@@ -564,6 +564,21 @@ impl Message {
         }
     }
 
+    /// Builds a response that establishes a dialog (a 1xx with a To tag or
+    /// a 2xx to a dialog-creating request): [`Message::response`] plus every
+    /// Record-Route of the request, in order (RFC 3261 §12.1.1), so the
+    /// caller's later requests pass the proxies that asked to stay.
+    pub fn dialog_response(&self, code: u16, reason: &str, to_tag: Option<&str>) -> Message {
+        let mut r = self.response(code, reason, to_tag);
+        r.headers.extend(
+            self.headers
+                .iter()
+                .filter(|h| h.name == HeaderName::RecordRoute)
+                .cloned(),
+        );
+        r
+    }
+
     /// Appends a header (builder style).
     pub fn with(mut self, name: HeaderName, value: &str) -> Message {
         self.push(Header::new(name, value));
