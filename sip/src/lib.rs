@@ -3,6 +3,8 @@
 //! - [`msg`]: the wire parser and serializer (RFC 3261 §7, §20, §25; RFC 5118),
 //!   zero-copy over [`bytes::Bytes`].
 //! - [`endpoint`]: the tokio driver of the transaction layer over the transports.
+//! - [`dispatch`]: the health-checked dispatcher (OPTIONS probes, weighted
+//!   rendezvous hashing over the nodes of both zones), used by balancer and SBC.
 //! - [`dialog`]: dialog state and in-dialog requests (RFC 3261 §12).
 //! - [`auth`]: digest authentication (RFC 3261 §22, RFC 7616, RFC 8760).
 //! - [`txn`]: the transaction layer (RFC 3261 §17, RFC 6026), sans-IO.
@@ -14,6 +16,7 @@
 
 pub mod auth;
 pub mod dialog;
+pub mod dispatch;
 #[cfg(feature = "runtime")]
 pub mod endpoint;
 pub mod flow;
