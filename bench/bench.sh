@@ -132,7 +132,7 @@ for server in kamailio sipzone-node; do
 	if [ "$server" = kamailio ]; then mode=secret; else mode=pw; fi
 	users_csv "$OUT/users-$server.csv" 100000 "$REG_N" "$mode"
 	read -r ok failed wall cpu < <(run_sipp "reg-$server" 127.0.0.1:5070 \
-		-sf "$ROOT/zone-node/tests/sipp/register_auth.xml" -inf "$OUT/users-$server.csv" \
+		-sf "$ROOT/testkit/scenarios/register_auth.xml" -inf "$OUT/users-$server.csv" \
 		-key domain sipzone.local -r "$REG_RATE" -m "$REG_N" -p 5101 -timeout 300s)
 	echo "RESULT server=$server phase=reg offered=$REG_N rate=$REG_RATE successful=$ok failed=$failed wall_s=$wall server_cpu_s=$cpu achieved_per_s=$(python3 -c "print(round($ok/$wall))") cpu_us_per_op=$(python3 -c "print(round($cpu*1e6/max($ok,1)))")"
 	COST[$server-reg]=$(python3 -c "print($cpu/max($ok,1))")
@@ -141,7 +141,7 @@ for server in kamailio sipzone-node; do
 	# 5090, then answers on it
 	UAS_USER=$(( 100000 + REG_N + 5 ))
 	users_csv "$OUT/uas-$server.csv" "$UAS_USER" 1 "$mode"
-	run_sipp "uasreg-$server" 127.0.0.1:5070 -sf "$ROOT/zone-node/tests/sipp/register_auth.xml" \
+	run_sipp "uasreg-$server" 127.0.0.1:5070 -sf "$ROOT/testkit/scenarios/register_auth.xml" \
 		-inf "$OUT/uas-$server.csv" -key domain sipzone.local -m 1 -p 5090 >/dev/null
 	# Kamailio proxies, so in-dialog requests must follow its Record-Route:
 	# the peer's *_rr scenarios (built-in flows plus Route handling). The

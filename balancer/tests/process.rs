@@ -99,7 +99,7 @@ algorithms = ["MD5", "SHA-256"]
 listen = "127.0.0.1:{metrics}"
 [log]
 format = "text"
-level = "warn"
+level = "warn,zone_node::b2bua=debug,zone_node::driver=debug"
 [danger_test_users]
 first = 1000
 last = 1999
@@ -250,13 +250,8 @@ fn calls_and_registrations_through_the_balancer_spread_over_both_zones() {
 
     // 1. 1,000 registrations with digest auth through the balancer
     let users = dir.join("users.csv");
-    let mut csv = String::from("SEQUENTIAL\n");
-    for u in 1000..2000 {
-        csv += &format!("{u};[authentication username={u} password=pw{u}]\n");
-    }
-    std::fs::write(&users, csv).unwrap();
-    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp/register_auth.xml");
-    let reg = Sipp::scenario_path(&scenario, &dir, "register")
+    testkit::sipp::write_test_users(&users).unwrap();
+    let reg = Sipp::scenario_file("register_auth.xml", &dir, "register")
         .unwrap()
         .arg("-inf")
         .arg(users.display())
@@ -303,8 +298,7 @@ fn calls_and_registrations_through_the_balancer_spread_over_both_zones() {
     register_contact(&a1, uas_port);
     register_contact(&b1, uas_port);
     let calls = |name: &str, n: u64| {
-        let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp/uac_auth.xml");
-        let uac = Sipp::scenario_path(&scenario, &dir, name)
+        let uac = Sipp::scenario_file("uac_auth.xml", &dir, name)
             .unwrap()
             .local(addr(free_port()))
             .calls(n)
@@ -340,16 +334,16 @@ fn calls_and_registrations_through_the_balancer_spread_over_both_zones() {
         100.0 * ca / (ca + cb),
         100.0 * cb / (ca + cb)
     );
-    // Open issue: about 2 in 1,000 calls end with 481 to the caller's BYE.
-    // That BYE goes straight to the node's Contact (the node does not copy
-    // Record-Route into its responses yet, so the caller never routes
-    // through the balancer in the dialog); every INVITE was answered 200.
+    // Open (balancer issue): about 1 call in 3,000 over 8 runs ended with
+    // SIPp's UDP retransmission timeout (every INVITE was answered 200;
+    // which request went unanswered is not known yet: with -trace_msg on,
+    // 5,000 calls passed). Until it is found, one or two such failures are
+    // let through; the balancer issue's acceptance (0 failed) is not met.
     assert!(
-        stats.failed <= 5 && stats.successful + stats.failed == 1000,
-        "uac: {uac_log}\nlb: {}",
+        stats.failed <= 2 && stats.successful + stats.failed == 1000,
+        "uac exit {code}: {uac_log}\nlb: {}",
         log(&lb.dir.join("lb.log"))
     );
-    let _ = code;
     assert_eq!(ca + cb, 1000.0, "every INVITE answered 200 by a node");
     assert!((400.0..=600.0).contains(&ca), "split a1 {ca} b1 {cb}");
 

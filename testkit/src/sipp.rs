@@ -151,6 +151,17 @@ impl Sipp {
     }
 }
 
+/// Writes a SIPp `-inf` file for `register_auth.xml` and `uac_auth.xml`:
+/// users 1000 to 1999 with the local-testing passwords (`pw` + user), in
+/// order.
+pub fn write_test_users(path: &Path) -> Result<()> {
+    let mut csv = String::from("SEQUENTIAL\n");
+    for u in 1000..2000 {
+        csv += &format!("{u};[authentication username={u} password=pw{u}]\n");
+    }
+    std::fs::write(path, csv).with_context(|| format!("writing {}", path.display()))
+}
+
 /// Parses a `-trace_stat` CSV (`;`-separated, header line first).
 pub fn parse_stats(text: &str) -> Result<SippStats> {
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());

@@ -160,13 +160,8 @@ fn register_sipp_uas_as_1001(node: &Node, uas_port: u16) {
 fn sipp_registers_1000_users_with_digest_auth() {
     let node = start_node("register-1000");
     let users = node.dir.join("users.csv");
-    let mut csv = String::from("SEQUENTIAL\n");
-    for u in 1000..2000 {
-        csv += &format!("{u};[authentication username={u} password=pw{u}]\n");
-    }
-    std::fs::write(&users, csv).unwrap();
-    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp/register_auth.xml");
-    let sipp = Sipp::scenario_path(&scenario, &node.dir, "register")
+    testkit::sipp::write_test_users(&users).unwrap();
+    let sipp = Sipp::scenario_file("register_auth.xml", &node.dir, "register")
         .unwrap()
         .arg("-inf")
         .arg(users.display())
@@ -322,8 +317,7 @@ fn sipp_uac_calls_registered_sipp_uas_1000_times_through_the_b2bua() {
     let mut uas_proc = uas.spawn().unwrap();
     register_sipp_uas_as_1001(&node, uas_port);
     // every caller authenticates (407, then Proxy-Authorization as user 1000)
-    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp/uac_auth.xml");
-    let uac = Sipp::scenario_path(&scenario, &node.dir, "uac")
+    let uac = Sipp::scenario_file("uac_auth.xml", &node.dir, "uac")
         .unwrap()
         .local(addr(free_port()))
         .calls(1000)

@@ -383,13 +383,8 @@ pub fn sipp_registrations(
     limit_secs: u32,
 ) -> Sipp {
     let users = region.dir.join(format!("{name}-users.csv"));
-    let mut csv = String::from("SEQUENTIAL\n");
-    for u in 1000..2000 {
-        csv += &format!("{u};[authentication username={u} password=pw{u}]\n");
-    }
-    std::fs::write(&users, csv).unwrap();
-    let scenario = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sipp/register_auth.xml");
-    Sipp::scenario_path(&scenario, &region.dir, name)
+    testkit::sipp::write_test_users(&users).unwrap();
+    Sipp::scenario_file("register_auth.xml", &region.dir, name)
         .unwrap()
         .arg("-inf")
         .arg(users.display())
