@@ -153,14 +153,26 @@ fn calls_and_registrations_through_the_balancer_spread_over_both_zones() {
         100.0 * ca / (ca + cb),
         100.0 * cb / (ca + cb)
     );
-    // Open (balancer issue): about 1 call in 3,000 over 8 runs ended with
-    // SIPp's UDP retransmission timeout (every INVITE was answered 200;
-    // which request went unanswered is not known yet: with -trace_msg on,
-    // 5,000 calls passed). Until it is found, one or two such failures are
-    // let through; the balancer issue's acceptance (0 failed) is not met.
-    assert!(
-        stats.failed <= 2 && stats.successful + stats.failed == 1000,
-        "uac exit {code}: {uac_log}\nlb: {}",
+    // A challenged INVITE's retry may reach another node than the
+    // challenge came from (the pick follows the nodes' load); the nodes
+    // share the nonce secret (common::NONCE_SECRET), so it is answered like
+    // any other. The challenges per node show how many moved.
+    let challenges = |n: &Node| {
+        metric(
+            n.metrics,
+            r#"sipzone_node_responses_total{method="INVITE",code="407"}"#,
+        )
+        .unwrap_or(0.0)
+    };
+    println!(
+        "challenges (407): a1 {} b1 {}",
+        challenges(&a1),
+        challenges(&b1)
+    );
+    assert_eq!(
+        (code, stats.successful, stats.failed),
+        (0, 1000, 0),
+        "{uac_log}\nlb: {}",
         lb.log()
     );
     assert_eq!(ca + cb, 1000.0, "every INVITE answered 200 by a node");

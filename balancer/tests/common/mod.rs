@@ -101,11 +101,20 @@ pub struct Node {
     pub dir: PathBuf,
 }
 
+/// The nonce secret of every test node (hex). The nodes of a region share
+/// it so that any node verifies the nonces another issued (`sip::auth`,
+/// docs/config.md `auth.secret_file`); the balancer relies on that: it
+/// routes a challenged INVITE's retry, like any initial INVITE, by the
+/// Call-ID's pick under the nodes' current load, which may be another node
+/// than the one that sent the challenge.
+pub const NONCE_SECRET: &str = "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
+
 /// Starts node `name` in `dir/name` with the test users 1000..=1999
-/// (password `pw` + user).
+/// (password `pw` + user) and [`NONCE_SECRET`].
 pub fn start_node(dir: &Path, name: &str) -> Node {
     let dir = dir.join(name);
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    std::fs::write(dir.join("data/secret"), NONCE_SECRET).unwrap();
     let (sip, metrics) = (free_port(), free_port());
     let cfg = format!(
         r#"
