@@ -292,10 +292,10 @@ fn a_path_token_altered_by_one_character_is_refused() {
     assert_eq!(status(&r), 200, "{r}\nlb: {}", lb.log());
     assert_eq!(device.messages().len(), 1);
 
-    // One hex digit of the token changed: the low digit of the port
-    // (octets 3..5 after version, transport and family hold the IPv4
-    // address, then the port), i.e. a token naming another flow. Still
-    // hex, still the right length: only the MAC can refuse it.
+    // One hex digit of the token changed: the last digit of the port
+    // (version, transport and family take octets 0..3, the IPv4 address
+    // 3..7, the port 7..9; see balancer::token), i.e. a token naming another
+    // flow. Still hex, still the right length: only the MAC can refuse it.
     let i = 2 * (3 + 4 + 2) - 1;
     let digit = token.as_bytes()[i];
     let other = if digit == b'0' { '1' } else { '0' };
