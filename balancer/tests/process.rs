@@ -3,199 +3,21 @@
 //! B), driven by SIPp and raw sockets. Bounded in count and time; talks to
 //! 127.0.0.1 only.
 //!
-//! Finding `sipzone-node`: cargo only sets `CARGO_BIN_EXE_<name>` for the
-//! binaries of the crate under test, and a dev-dependency on `zone-node`
-//! would break the layering (DESIGN §2) and still not build its binary. The
-//! test therefore looks beside its own executable (`target/<profile>/`, where
-//! `cargo build -p zone-node` or a workspace build puts it) and, when it is
-//! not there, runs `$CARGO build -p zone-node --bin sipzone-node` once with
-//! the environment cargo gave the test (so `CARGO_TARGET_DIR` and the
-//! profile match).
+//! Setup (finding `sipzone-node`, configs, metrics) is in `common`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 // A process test measures real elapsed time on a bounded poll.
 #![allow(clippy::disallowed_methods)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
+mod common;
+
+use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
+use common::{Node, REALM, log, metric, node_up, start_balancer, start_node, wait_for};
 use sip::flow::{Flow, Transport};
 use testkit::net::{addr, free_port};
-use testkit::proc::Proc;
 use testkit::sipp::Sipp;
 use testkit::ua::{Ua, UaConfig};
-
-const REALM: &str = "sipzone.local";
-
-/// The `sipzone-node` binary (see the module docs).
-fn node_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        // target/<profile>/deps/process-<hash>
-        let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-        let bin = profile_dir.join("sipzone-node");
-        if !bin.exists() {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let mut cmd = Command::new(cargo);
-            cmd.args(["build", "-p", "zone-node", "--bin", "sipzone-node"]);
-            if profile_dir.file_name().is_some_and(|p| p == "release") {
-                cmd.arg("--release");
-            }
-            let st = cmd.status().unwrap();
-            assert!(st.success(), "building sipzone-node failed");
-        }
-        assert!(bin.exists(), "no sipzone-node at {}", bin.display());
-        bin
-    })
-    .clone()
-}
-
-fn metric_text(at: SocketAddr) -> String {
-    let Ok(mut s) = TcpStream::connect(at) else {
-        return String::new();
-    };
-    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
-    body
-}
-
-/// The first sample whose line starts with `name` (labels included).
-fn metric(at: SocketAddr, name: &str) -> Option<f64> {
-    metric_text(at)
-        .lines()
-        .find(|l| l.starts_with(name) && !l.starts_with('#'))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
-struct Node {
-    proc: Option<Proc>,
-    sip: SocketAddr,
-    metrics: SocketAddr,
-}
-
-fn start_node(dir: &Path, name: &str) -> Node {
-    let dir = dir.join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let (sip, metrics) = (free_port(), free_port());
-    let cfg = format!(
-        r#"
-[node]
-id = "{name}"
-data_dir = "data"
-[sip]
-udp = ["127.0.0.1:{sip}"]
-tcp = ["127.0.0.1:{sip}"]
-[auth]
-realm = "{REALM}"
-secret_file = "data/secret"
-algorithms = ["MD5", "SHA-256"]
-[metrics]
-listen = "127.0.0.1:{metrics}"
-[log]
-format = "text"
-level = "warn,zone_node::b2bua=debug,zone_node::driver=debug"
-[danger_test_users]
-first = 1000
-last = 1999
-password_prefix = "pw"
-"#
-    );
-    let path = dir.join("node.toml");
-    std::fs::write(&path, cfg).unwrap();
-    let proc = Proc::spawn(
-        name,
-        Command::new(node_bin())
-            .arg("--config")
-            .arg(&path)
-            .current_dir(&dir),
-        &dir.join("node.log"),
-    )
-    .unwrap();
-    Node {
-        proc: Some(proc),
-        sip: addr(sip),
-        metrics: addr(metrics),
-    }
-}
-
-struct Lb {
-    _proc: Proc,
-    sip: SocketAddr,
-    metrics: SocketAddr,
-    dir: PathBuf,
-}
-
-fn start_balancer(dir: &Path, nodes: &[(&str, &str, SocketAddr)]) -> Lb {
-    let dir = dir.join("lb");
-    std::fs::create_dir_all(&dir).unwrap();
-    let (sip, metrics) = (free_port(), free_port());
-    let mut cfg = format!(
-        r#"
-[balancer]
-id = "lb1"
-[sip]
-udp = ["127.0.0.1:{sip}"]
-tcp = ["127.0.0.1:{sip}"]
-[cluster]
-secret_file = "secret"
-[limits]
-register_per_second = 5000.0
-register_burst = 5000.0
-invite_per_second = 5000.0
-invite_burst = 5000.0
-[metrics]
-listen = "127.0.0.1:{metrics}"
-[log]
-format = "json"
-level = "info"
-"#
-    );
-    for (name, zone, a) in nodes {
-        cfg += &format!("[[nodes]]\nname = \"{name}\"\nzone = \"{zone}\"\naddr = \"{a}\"\n");
-    }
-    let path = dir.join("lb.toml");
-    std::fs::write(&path, cfg).unwrap();
-    let proc = Proc::spawn(
-        "sipzone-balancer",
-        Command::new(env!("CARGO_BIN_EXE_sipzone-balancer"))
-            .arg("--config")
-            .arg(&path)
-            .current_dir(&dir),
-        &dir.join("lb.log"),
-    )
-    .unwrap();
-    Lb {
-        _proc: proc,
-        sip: addr(sip),
-        metrics: addr(metrics),
-        dir,
-    }
-}
-
-/// Polls (bounded) until `f` holds.
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn node_up(lb: &Lb, name: &str) -> Option<f64> {
-    metric_text(lb.metrics)
-        .lines()
-        .find(|l| {
-            l.starts_with("sipzone_balancer_node_up") && l.contains(&format!("node=\"{name}\""))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
 
 fn invites_ok(n: &Node) -> f64 {
     metric(
@@ -235,13 +57,10 @@ fn register_contact(node: &Node, uas_port: u16) {
 
 #[test]
 fn calls_and_registrations_through_the_balancer_spread_over_both_zones() {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("balancer-process");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::test_dir("balancer-process");
     let mut a1 = start_node(&dir, "a1");
     let b1 = start_node(&dir, "b1");
     let lb = start_balancer(&dir, &[("a1", "A", a1.sip), ("b1", "B", b1.sip)]);
-    let log = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
     wait_for(
         "both nodes up at the balancer",
         Duration::from_secs(20),
@@ -282,7 +101,7 @@ fn calls_and_registrations_through_the_balancer_spread_over_both_zones() {
         (0, 1000, 0),
         "sipp: {}\nlb: {}",
         log(&reg.log_path()),
-        log(&lb.dir.join("lb.log"))
+        lb.log()
     );
     assert!(ra >= 400.0 && rb >= 400.0, "split a1 {ra} b1 {rb}");
 
@@ -334,15 +153,27 @@ fn calls_and_registrations_through_the_balancer_spread_over_both_zones() {
         100.0 * ca / (ca + cb),
         100.0 * cb / (ca + cb)
     );
-    // Open (balancer issue): about 1 call in 3,000 over 8 runs ended with
-    // SIPp's UDP retransmission timeout (every INVITE was answered 200;
-    // which request went unanswered is not known yet: with -trace_msg on,
-    // 5,000 calls passed). Until it is found, one or two such failures are
-    // let through; the balancer issue's acceptance (0 failed) is not met.
-    assert!(
-        stats.failed <= 2 && stats.successful + stats.failed == 1000,
-        "uac exit {code}: {uac_log}\nlb: {}",
-        log(&lb.dir.join("lb.log"))
+    // A challenged INVITE's retry may reach another node than the
+    // challenge came from (the pick follows the nodes' load); the nodes
+    // share the nonce secret (common::NONCE_SECRET), so it is answered like
+    // any other. The challenges per node show how many moved.
+    let challenges = |n: &Node| {
+        metric(
+            n.metrics,
+            r#"sipzone_node_responses_total{method="INVITE",code="407"}"#,
+        )
+        .unwrap_or(0.0)
+    };
+    println!(
+        "challenges (407): a1 {} b1 {}",
+        challenges(&a1),
+        challenges(&b1)
+    );
+    assert_eq!(
+        (code, stats.successful, stats.failed),
+        (0, 1000, 0),
+        "{uac_log}\nlb: {}",
+        lb.log()
     );
     assert_eq!(ca + cb, 1000.0, "every INVITE answered 200 by a node");
     assert!((400.0..=600.0).contains(&ca), "split a1 {ca} b1 {cb}");
@@ -362,10 +193,7 @@ fn calls_and_registrations_through_the_balancer_spread_over_both_zones() {
     let text = String::from_utf8_lossy(&buf[..n]).to_string();
     assert!(text.starts_with("SIP/2.0 403"), "{text}");
     wait_for("the bad token counted", Duration::from_secs(5), || {
-        metric(
-            lb.metrics,
-            r#"sipzone_balancer_requests_refused_total{reason="bad_token"}"#,
-        ) == Some(1.0)
+        common::refused(&lb, "bad_token") == Some(1.0)
     });
 
     // 4. a1 dies: the balancer marks it down and new calls go to b1
