@@ -14,10 +14,8 @@ use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
 use common::{Node, REALM, log, metric, node_up, start_balancer, start_node, wait_for};
-use sip::flow::{Flow, Transport};
 use testkit::net::{addr, free_port};
 use testkit::sipp::Sipp;
-use testkit::ua::{Ua, UaConfig};
 
 fn invites_ok(n: &Node) -> f64 {
     metric(
@@ -32,27 +30,9 @@ fn invites_ok(n: &Node) -> f64 {
 /// share registrations, so the callee is registered on both; the calls
 /// themselves go through the balancer.
 fn register_contact(node: &Node, uas_port: u16) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let ua = Ua::start(UaConfig {
-            transport: sip::transport::TransportConfig {
-                udp: vec![addr(0)],
-                ..Default::default()
-            },
-            user: "1000".into(),
-            credentials: Some(("1000".into(), "pw1000".into())),
-            ..UaConfig::default()
-        })
-        .await
-        .unwrap();
-        let contact = format!("<sip:1001@{}>", addr(uas_port));
-        let flow = Flow::to(Transport::Udp, node.sip);
-        let r = ua
-            .register_contact(flow, REALM, "1001", "pw1001", 3600, &contact)
-            .await
-            .unwrap();
-        assert_eq!(r.status(), Some(200), "{r}");
-    });
+    let status =
+        testkit::ua::register_contact_blocking(node.sip, REALM, "1001", addr(uas_port)).unwrap();
+    assert_eq!(status, 200);
 }
 
 #[test]

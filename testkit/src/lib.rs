@@ -7,6 +7,7 @@
 /// The PKI helpers live in the stack (`sip::transport::pki`); re-exported
 /// here for tests.
 pub use sip::transport::pki;
+pub mod metrics;
 pub mod net;
 pub mod proc;
 pub mod sipp;

@@ -84,6 +84,49 @@ impl Default for UaConfig {
     }
 }
 
+impl UaConfig {
+    /// A UA for one of the local-testing users (`deploy/single-node.toml`):
+    /// UDP on an ephemeral 127.0.0.1 port, answering challenges as `user`
+    /// with the password `pw` + `user`.
+    pub fn local_user(user: &str) -> UaConfig {
+        UaConfig {
+            transport: TransportConfig {
+                udp: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+                ..TransportConfig::default()
+            },
+            user: user.into(),
+            credentials: Some((user.into(), format!("pw{user}"))),
+            ..UaConfig::default()
+        }
+    }
+}
+
+/// Registers local-testing `user` of `domain` at the registrar `node`
+/// (UDP) with its Contact at `contact`, another process (a SIPp UAS, say):
+/// a third-party registration made by local-testing user 1000. Returns the
+/// final status. It runs a runtime of its own: call it outside one.
+pub fn register_contact_blocking(
+    node: SocketAddr,
+    domain: &str,
+    user: &str,
+    contact: SocketAddr,
+) -> Result<u16> {
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let ua = Ua::start(UaConfig::local_user("1000")).await?;
+        let r = ua
+            .register_contact(
+                Flow::to(Transport::Udp, node),
+                domain,
+                user,
+                &format!("pw{user}"),
+                3600,
+                &format!("<sip:{user}@{contact}>"),
+            )
+            .await?;
+        Ok(r.status().unwrap_or(0))
+    })
+}
+
 /// An INVITE client transaction the UA waits on.
 struct PendingInvite {
     invite: Message,

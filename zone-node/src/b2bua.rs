@@ -2191,8 +2191,10 @@ impl B2bua {
         // refreshes alone (§7.2). A's leg is refreshed by the core unless A
         // asked to refresh itself.
         let b_timer = match session_expires(&msg) {
+            // A UAS may shorten the interval it was offered, never lengthen
+            // it (RFC 4028 §9): a longer one is held to the offer.
             Ok(Some((secs, who))) => SessionTimer {
-                interval_secs: secs.max(1),
+                interval_secs: secs.clamp(1, fork_se.max(1)),
                 refresher: if who == Some(false) {
                     Refresher::Peer
                 } else {
@@ -2552,7 +2554,7 @@ impl B2bua {
                     }
                 }
                 if let Ok(Some((secs, who))) = session_expires(msg) {
-                    timer.interval_secs = secs.max(1);
+                    timer.interval_secs = secs.clamp(1, timer.interval_secs.max(1));
                     timer.refresher = if who == Some(false) {
                         Refresher::Peer
                     } else {
@@ -4210,6 +4212,29 @@ hello"
             responses(&out)[0].header(HeaderName::SessionExpires),
             Some("1800;refresher=uac")
         );
+    }
+
+    #[test]
+    fn a_callee_cannot_lengthen_the_session_interval() {
+        let mut t = T::new(two_bindings());
+        let forks = t.start();
+        let offered: u32 = forks[0]
+            .2
+            .header(HeaderName::SessionExpires)
+            .and_then(|v| v.split(';').next())
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap();
+        let ok = answer(&forks[0].2, 200, "btag", "<sip:1001@192.0.2.20:5070>")
+            .with(HeaderName::SessionExpires, "86400;refresher=uac");
+        let out = t.respond_fork(100, &forks[0], ok);
+        let a_tag = responses(&out)[0].to().unwrap().tag().unwrap().to_string();
+        let ack = in_dialog_from_a("ACK", 10, &a_tag, "");
+        let out = t.input(200, Input::Ack { msg: ack });
+        let Command::PutCall { call } = proposals(&out)[0] else {
+            panic!("no PutCall");
+        };
+        let b = call.b.session_timer.unwrap();
+        assert_eq!(b.interval_secs, offered, "held to the offer (RFC 4028 §9)");
     }
 
     /// Confirmed call whose answer (at 100 ms) carried `extra` headers.

@@ -269,14 +269,6 @@ impl NodeStore {
         ))
     }
 
-    /// The replica, when replicated.
-    pub fn replica(&self) -> Option<&NodeReplica> {
-        match self {
-            NodeStore::Raft(r) => Some(&r.replica),
-            NodeStore::Mem(_) => None,
-        }
-    }
-
     /// One Raft tick (no-op in memory): retries, the member announcement,
     /// and on the leader the takeover of silent nodes' calls. Proposals take
     /// their ids from `next_id`, the node's one counter (ids of one origin

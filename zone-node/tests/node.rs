@@ -132,9 +132,7 @@ async fn ua() -> Ua {
             tcp: vec![addr(0)],
             ..Default::default()
         },
-        user: "1000".into(),
-        credentials: Some(("1000".into(), "pw1000".into())),
-        ..UaConfig::default()
+        ..UaConfig::local_user("1000")
     })
     .await
     .unwrap()
@@ -143,17 +141,9 @@ async fn ua() -> Ua {
 /// Registers the SIPp UAS listening on `uas_port` as user 1001 (a
 /// third-party registration by user 1000's UA).
 fn register_sipp_uas_as_1001(node: &Node, uas_port: u16) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let ua = ua().await;
-        let contact = format!("<sip:1001@{}>", addr(uas_port));
-        let flow = Flow::to(Transport::Udp, node.sip);
-        let r = ua
-            .register_contact(flow, REALM, "1001", "pw1001", 3600, &contact)
-            .await
-            .unwrap();
-        assert_eq!(r.status(), Some(200), "{r}");
-    });
+    let status =
+        testkit::ua::register_contact_blocking(node.sip, REALM, "1001", addr(uas_port)).unwrap();
+    assert_eq!(status, 200);
 }
 
 #[test]

@@ -277,12 +277,17 @@ fn a_node_restarted_after_10000_commits_catches_up() {
         assert_eq!(register_until_ok(&probe, a1, "1999", 50).await, 200);
     });
     region.kill("b1");
-    let sipp = sipp_registrations(&region, "catch-up-load", a1, 10_000, 500, 90);
+    // A few more than 10,000, so that 10,000 commits hold even if a
+    // registration or two fails under load.
+    let sipp = sipp_registrations(&region, "catch-up-load", a1, 10_100, 500, 90);
     let mut load = sipp.spawn().unwrap();
     let status = load.wait_timeout(Duration::from_secs(120)).unwrap();
     let stats = sipp.stats().unwrap();
-    println!("10,000 registrations while b1 was down: {stats:?} ({status})");
-    assert!(stats.successful >= 10_000 - stats.failed && stats.successful > 9_000);
+    println!("registrations while b1 was down: {stats:?} ({status})");
+    assert!(
+        stats.successful >= 10_000,
+        "fewer than 10,000 commits: {stats:?}"
+    );
     let i = region.members.iter().position(|m| m.name == "b1").unwrap();
     region.spawn(i);
     let b1 = region.member("b1").metrics;

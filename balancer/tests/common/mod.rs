@@ -12,8 +12,7 @@
 // Each test file uses part of this module.
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -71,22 +70,12 @@ pub fn node_bin() -> PathBuf {
 
 /// The Prometheus text at `at` (empty when it cannot be fetched).
 pub fn metric_text(at: SocketAddr) -> String {
-    let Ok(mut s) = TcpStream::connect(at) else {
-        return String::new();
-    };
-    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
-    body
+    testkit::metrics::text(at)
 }
 
 /// The first sample whose line starts with `name` (labels included).
 pub fn metric(at: SocketAddr, name: &str) -> Option<f64> {
-    metric_text(at)
-        .lines()
-        .find(|l| l.starts_with(name) && !l.starts_with('#'))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    testkit::metrics::sample(at, name)
 }
 
 /// A running `sipzone-node` (single, in-memory).

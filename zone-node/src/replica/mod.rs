@@ -327,11 +327,6 @@ impl<D: Disk, S: StateDb> Replica<D, S> {
         self.config.id
     }
 
-    /// The origin stamped on this replica's proposals.
-    pub fn origin(&self) -> Origin {
-        self.origin
-    }
-
     /// The known leader (0: none) and the current term.
     pub fn role(&self) -> (u64, u64) {
         (self.node.raft.leader_id, self.node.raft.term)
@@ -350,11 +345,6 @@ impl<D: Disk, S: StateDb> Replica<D, S> {
     /// The commit index this replica knows.
     pub fn commit_index(&self) -> u64 {
         self.node.raft.raft_log.committed
-    }
-
-    /// Entries held in the log (after the compaction point).
-    pub fn log_len(&self) -> usize {
-        self.node.store().len()
     }
 
     /// Ticks since this replica started.
@@ -503,11 +493,6 @@ impl<D: Disk, S: StateDb> Replica<D, S> {
             SnapshotStatus::Failure
         };
         self.node.report_snapshot(id, status);
-    }
-
-    /// Asks for leadership to move to `id` (rolling restarts).
-    pub fn transfer_leader(&mut self, id: u64) {
-        self.node.transfer_leader(id);
     }
 
     /// The next output, if any.

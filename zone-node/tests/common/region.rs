@@ -3,8 +3,7 @@
 //! tests and the region benchmark share. Talks to 127.0.0.1 only.
 #![allow(dead_code)] // each user takes what it needs
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -262,45 +261,22 @@ impl Region {
 
 /// The value of the first sample of `name` on a `/metrics` endpoint.
 pub fn metric(at: SocketAddr, name: &str) -> Option<f64> {
-    let mut s = TcpStream::connect(at).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    body.lines()
-        .find(|l| l.starts_with(name) && !l.starts_with('#'))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    testkit::metrics::sample(at, name)
 }
 
 /// A UA for `user` that answers no challenge (its caller supplies the
 /// password per request).
 pub async fn ua_without_credentials(user: &str) -> Ua {
-    Ua::start(UaConfig {
-        transport: sip::transport::TransportConfig {
-            udp: vec![addr(0)],
-            ..Default::default()
-        },
-        user: user.into(),
-        ..UaConfig::default()
-    })
-    .await
-    .unwrap()
+    let cfg = UaConfig {
+        credentials: None,
+        ..UaConfig::local_user(user)
+    };
+    Ua::start(cfg).await.unwrap()
 }
 
 /// A UA for `user` answering challenges with the local-testing password.
 pub async fn ua(user: &str) -> Ua {
-    Ua::start(UaConfig {
-        transport: sip::transport::TransportConfig {
-            udp: vec![addr(0)],
-            ..Default::default()
-        },
-        user: user.into(),
-        credentials: Some((user.into(), format!("pw{user}"))),
-        ..UaConfig::default()
-    })
-    .await
-    .unwrap()
+    Ua::start(UaConfig::local_user(user)).await.unwrap()
 }
 
 /// Registers `user` through `node` until it gets 200 (a region without a
