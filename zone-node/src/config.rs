@@ -672,7 +672,11 @@ peers = [{ id = 2, addr = "127.0.0.1:7002", zone = "a" }, { id = 3, addr = "127.
 
     #[test]
     fn shipped_configs_are_valid() {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/single-node.toml");
-        Config::load(&p).unwrap();
+        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        Config::load(&deploy.join("single-node.toml")).unwrap();
+        for m in ["a1", "a2", "b1", "b2", "w"] {
+            let c = Config::load(&deploy.join(format!("region/{m}.toml"))).unwrap();
+            assert!(c.cluster.is_some(), "{m}");
+        }
     }
 }
